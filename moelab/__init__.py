@@ -1,0 +1,15 @@
+"""moelab: learn and experiment with how Mixture-of-Experts layers run their expert matmuls."""
+
+from .backends import ExpertsInterface
+from .config import MoEConfig
+from .experts import Experts
+from .moe import SparseMoE
+from .router import RouterOutput, TopKRouter, load_balancing_loss
+from .steps import record_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertsInterface", "MoEConfig", "Experts", "SparseMoE", "RouterOutput", "TopKRouter",
+    "load_balancing_loss", "record_step",
+]

@@ -1,0 +1,46 @@
+"""`batched_mm`: give every (token, expert) pair its own copy of the expert's weights, then one `torch.bmm`.
+
+Simple and shape-static (so `torch.compile(fullgraph=True)` works), but the gather duplicates
+`S * 3 * I * H` weight elements: memory grows with the number of tokens. Fastest on GPU for tiny inputs
+(decode), slow on CPU where the copy dominates.
+"""
+
+import torch
+
+from ..steps import record_step
+
+
+def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
+    """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+    num_tokens, hidden_size = hidden_states.shape
+    top_k = top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)  # [S]; pair s is token s // k, slot s % k
+
+    repeated = hidden_states.repeat_interleave(top_k, dim=0)  # [S, H]
+    record_step("repeat", "Repeat each token k times, one row per (token, expert) pair.", repeated=repeated)
+
+    # NOTE: advanced indexing copies: these are new [S, ...] tensors, not views of the parameters.
+    gate_up_weights = experts.gate_up_proj[expert_ids]  # [S, 2I, H]
+    down_weights = experts.down_proj[expert_ids]  # [S, H, I]
+    record_step("gather_weights", "Copy each pair's expert weights: the parameter duplication of batched_mm.",
+                expert_ids=expert_ids, gate_up_weights=gate_up_weights, down_weights=down_weights,
+                gate_up_proj=experts.gate_up_proj, down_proj=experts.down_proj)
+
+    gate_up = torch.bmm(gate_up_weights, repeated.unsqueeze(-1)).squeeze(-1)  # [S, 2I]
+    record_step("up_proj", "One batched matmul projects every pair up through its own gate and up rows.",
+                gate_up=gate_up)
+
+    gate, up = gate_up.chunk(2, dim=-1)  # [S, I] each
+    activated = experts.act_fn(gate) * up  # [S, I]
+    record_step("act", "Gate the up projection: act(gate) * up.", activated=activated)
+
+    outputs = torch.bmm(down_weights, activated.unsqueeze(-1)).squeeze(-1)  # [S, H]
+    record_step("down_proj", "A second batched matmul projects every pair back down to the hidden size.",
+                outputs=outputs)
+
+    weighted = outputs * top_k_weights.reshape(-1, 1)  # [S, H]
+    record_step("weigh", "Scale each pair's output by its router weight.", weighted=weighted)
+
+    final = weighted.view(num_tokens, top_k, hidden_size).sum(dim=1)  # [T, H]
+    record_step("reduce", "Sum each token's k weighted outputs.", output=final)
+    return final

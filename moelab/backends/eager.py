@@ -1,0 +1,38 @@
+"""`eager`: loop over the experts that received tokens; the readable reference.
+
+For each hit expert: find its (token, slot) pairs in the expert mask, gather those tokens, run the expert's
+gated MLP on them (two small matmuls), weight by the router and add back into the tokens' rows.
+The loop length depends on the data (which experts were hit), so `torch.compile(fullgraph=True)` cannot
+capture it, as the transformers reference documents.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..steps import record_step
+
+
+def eager_experts(experts, hidden_states, top_k_index, top_k_weights):
+    """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+    num_experts = experts.gate_up_proj.shape[0]
+    final = torch.zeros_like(hidden_states)  # [T, H]
+
+    # expert_mask[e, j, t] = 1 when token t sent its j-th choice to expert e
+    expert_mask = F.one_hot(top_k_index, num_experts).permute(2, 1, 0)  # [E, k, T]
+    # NOTE: nonzero + tolist sync with the host and make the loop data-dependent: this is what breaks fullgraph.
+    expert_hit = (expert_mask.sum(dim=(1, 2)) > 0).nonzero().flatten()  # [n_hit]
+    record_step("expert_mask", "One-hot the routing into an [E, k, T] mask and list the experts that got tokens.",
+                expert_mask=expert_mask, expert_hit=expert_hit)
+
+    for expert_id in expert_hit.tolist():
+        top_k_pos, token_idx = torch.where(expert_mask[expert_id])  # [n], [n]: slot and token of each pair
+        tokens = hidden_states[token_idx]  # [n, H]
+        gate, up = F.linear(tokens, experts.gate_up_proj[expert_id]).chunk(2, dim=-1)  # [n, I] each
+        outputs = F.linear(experts.act_fn(gate) * up, experts.down_proj[expert_id])  # [n, H]
+        outputs = outputs * top_k_weights[token_idx, top_k_pos, None]  # [n, H]
+        record_step("expert", f"Expert {expert_id} runs its gated MLP on the {len(token_idx)} tokens routed to it.",
+                    expert_id=expert_id, token_idx=token_idx, top_k_pos=top_k_pos, tokens=tokens, outputs=outputs)
+        final.index_add_(0, token_idx, outputs.to(final.dtype))
+
+    record_step("reduce", "Each token's row now holds the weighted sum of its experts' outputs.", output=final)
+    return final

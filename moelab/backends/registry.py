@@ -1,0 +1,54 @@
+"""`ExpertsInterface`: the one global registry of experts backends, used at class level as in transformers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# fn(experts, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]
+ExpertsFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ExpertsInterface:
+    """Maps a backend name to its function. Class-level: `ExpertsInterface.register("mine", fn)`.
+
+    A backend is any callable `fn(experts, hidden_states, top_k_index, top_k_weights) -> [T, H]`; a function
+    defined in a notebook cell works (nothing inspects its source).
+    """
+
+    _global_mapping: dict[str, ExpertsFn] = {}
+
+    @classmethod
+    def register(cls, name: str, fn: ExpertsFn, overwrite: bool = False) -> ExpertsFn:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        if not callable(fn):
+            raise TypeError(f"fn must be callable as fn(experts, hidden_states, top_k_index, top_k_weights), "
+                            f"got {type(fn).__name__}")
+        if name in cls._global_mapping and not overwrite:
+            raise ValueError(f"experts backend {name!r} is already registered; pass overwrite=True to replace it")
+        cls._global_mapping[name] = fn
+        return fn
+
+    @classmethod
+    def unregister(cls, name: str) -> None:
+        cls.get(name)  # same error as get() for an unknown name
+        del cls._global_mapping[name]
+
+    @classmethod
+    def get(cls, name: str) -> ExpertsFn:
+        try:
+            return cls._global_mapping[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown experts_implementation {name!r}; valid names are {cls.names()}") from None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return sorted(cls._global_mapping)
+
+    @classmethod
+    def validate(cls, name) -> str:
+        """Return `name` if registered, else raise the ValueError listing the valid names."""
+        cls.get(name)
+        return name

@@ -1,0 +1,66 @@
+"""`MoEConfig`: the sizes and choices of one MoE layer, validated when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .activations import ACTIVATIONS
+
+
+def _check_int(name: str, value, low: int, high: int | None = None, high_name: str | None = None) -> None:
+    # bool is an int subclass: True would silently mean 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        upper = f"{high_name} = {high}" if high_name else (str(high) if high is not None else "inf")
+        raise ValueError(f"{name} must be in [{low}, {upper}], got {value}")
+
+
+@dataclass
+class MoEConfig:
+    """The config of one MoE layer.
+
+    hidden_size: H, the width of a token.
+    intermediate_size: I, the width inside one expert (its gated MLP).
+    num_experts: E, experts in the layer.
+    top_k: k, experts each token is routed to, in [1, num_experts].
+    norm_topk_prob: renormalise the k router probabilities to sum to 1 (OLMoE, Qwen2-MoE).
+    hidden_act: the gate activation, one of `moelab.activations.ACTIVATIONS`.
+    initializer_range: std of the normal init of every weight.
+    shared_expert_intermediate_size: 0 (off), or the width of a Qwen2-MoE style shared expert.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool = True
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    shared_expert_intermediate_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("intermediate_size", self.intermediate_size, 1)
+        _check_int("num_experts", self.num_experts, 1)
+        _check_int("top_k", self.top_k, 1, self.num_experts, "num_experts")
+        _check_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size, 0)
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"norm_topk_prob must be a bool, got {self.norm_topk_prob!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
+        if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) \
+                or not self.initializer_range > 0:
+            raise ValueError(f"initializer_range must be a float > 0, got {self.initializer_range!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MoEConfig fields {sorted(unknown)}; valid fields are {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,86 @@
+"""`Experts`: the E gated MLPs of one MoE layer as 3D parameters, dispatching to a registered backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activations import get_activation
+from .backends import ExpertsInterface
+from .config import MoEConfig
+
+
+class Experts(nn.Module):
+    """gate_up_proj [E, 2I, H] (gate rows first, then up) and down_proj [E, H, I]: the transformers layout.
+
+    `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]` runs the backend named by
+    `experts_implementation` (see `ExpertsInterface.names()`).
+    """
+
+    def __init__(self, config: MoEConfig, experts_implementation: str = "grouped_mm", dtype=None, device=None):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, dtype=dtype, device=device))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I, dtype=dtype, device=device))
+        self.act_fn = get_activation(config.hidden_act)
+        self.experts_implementation = ExpertsInterface.validate(experts_implementation)
+
+    def set_experts_implementation(self, name: str) -> None:
+        self.experts_implementation = ExpertsInterface.validate(name)  # raises before anything changes
+
+    def get_experts_implementation(self) -> str:
+        return self.experts_implementation
+
+    def check_inputs(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """Raise a ValueError naming the bad argument; returns top_k_index as int64."""
+        for name, t in (("hidden_states", hidden_states), ("top_k_index", top_k_index),
+                        ("top_k_weights", top_k_weights)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if hidden_states.dim() != 2 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must have shape [T, {self.hidden_size}] (T tokens, hidden_size), "
+                             f"got {list(hidden_states.shape)}")
+        if top_k_index.dim() != 2 or top_k_index.shape[0] != hidden_states.shape[0] or top_k_index.shape[1] < 1:
+            raise ValueError(f"top_k_index must have shape [T, k] with T = {hidden_states.shape[0]} and k >= 1, "
+                             f"got {list(top_k_index.shape)}")
+        if top_k_weights.shape != top_k_index.shape:
+            raise ValueError(f"top_k_weights must have the shape of top_k_index {list(top_k_index.shape)}, "
+                             f"got {list(top_k_weights.shape)}")
+        if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+            raise ValueError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+        param_dtype = self.gate_up_proj.dtype
+        if hidden_states.dtype != param_dtype:
+            raise ValueError(f"hidden_states dtype {hidden_states.dtype} does not match the experts' weights "
+                             f"({param_dtype}); cast the input or the module with .to(dtype)")
+        if top_k_weights.dtype != param_dtype:
+            raise ValueError(f"top_k_weights dtype {top_k_weights.dtype} does not match hidden_states "
+                             f"({param_dtype}); the router casts its weights to the input dtype")
+        for name, t in (("hidden_states", hidden_states), ("top_k_index", top_k_index),
+                        ("top_k_weights", top_k_weights)):
+            if t.device != self.gate_up_proj.device:
+                raise ValueError(f"{name} is on {t.device} but the experts' weights are on {self.gate_up_proj.device}")
+        # NOTE: value checks read the data (a host sync), so they are skipped while torch.compile traces.
+        if not torch.compiler.is_compiling() and top_k_index.numel():
+            low, high = torch.aminmax(top_k_index)
+            if low < 0 or high >= self.num_experts:
+                raise ValueError(f"top_k_index values must be in [0, num_experts = {self.num_experts}), "
+                                 f"got values in [{int(low)}, {int(high)}]")
+        return top_k_index.long()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        top_k_index = self.check_inputs(hidden_states, top_k_index, top_k_weights)
+        backend = ExpertsInterface.get(self.experts_implementation)
+        output = backend(self, hidden_states, top_k_index, top_k_weights)  # [T, H]
+        if not torch.compiler.is_compiling() and (not isinstance(output, torch.Tensor)
+                                                  or output.shape != hidden_states.shape):
+            got = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise RuntimeError(f"experts backend {self.experts_implementation!r} returned {got}, "
+                               f"expected a tensor of shape {list(hidden_states.shape)}")
+        return output
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, experts_implementation={self.experts_implementation!r}")

@@ -1,0 +1,72 @@
+"""`SparseMoE`: router + experts, the MoE block of OLMoE / Qwen2-MoE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MoEConfig
+from .experts import Experts
+from .router import RouterOutput, TopKRouter
+from .steps import record_step
+
+
+class SparseMoE(nn.Module):
+    """One MoE layer: `moe(x)` routes each token of `x` ([T, H] or [B, S, H]) to `top_k` experts.
+
+    `experts_implementation` names the backend (see `moelab.ExpertsInterface.names()`); switch it at runtime
+    with `set_experts_implementation`. Weights are drawn from N(0, initializer_range) in float32 and then cast,
+    so the same `seed` gives the same model (rounded) in every dtype.
+    """
+
+    def __init__(self, config: MoEConfig, experts_implementation: str = "grouped_mm", *,
+                 dtype: torch.dtype | None = None, device=None, seed: int | None = None):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise ValueError(f"config must be a moelab.MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.router = TopKRouter(config, device=device)
+        self.experts = Experts(config, experts_implementation, device=device)
+        self.reset_parameters(seed)
+        if dtype is not None:
+            self.to(dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) init of every weight; reproducible under `seed` (else the global RNG)."""
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        for param in (self.router.weight, self.experts.gate_up_proj, self.experts.down_proj):
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(
+                0.0, self.config.initializer_range, generator=generator)
+            param.copy_(values)
+
+    def set_experts_implementation(self, name: str) -> None:
+        """Switch backend; an unknown name raises ValueError listing the valid ones and changes nothing."""
+        self.experts.set_experts_implementation(name)
+
+    def get_experts_implementation(self) -> str:
+        return self.experts.get_experts_implementation()
+
+    def forward(self, hidden_states: torch.Tensor, return_router_output: bool = False):
+        """hidden_states [T, H] or [B, S, H] -> same shape; with `return_router_output`, (output, RouterOutput)."""
+        hidden_size = self.config.hidden_size
+        if not isinstance(hidden_states, torch.Tensor):
+            raise ValueError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] != hidden_size:
+            raise ValueError(f"hidden_states must have shape [T, {hidden_size}] or [B, S, {hidden_size}], "
+                             f"got {list(hidden_states.shape)}")
+        if hidden_states.dtype != self.router.weight.dtype:
+            raise ValueError(f"hidden_states dtype {hidden_states.dtype} does not match the layer's weights "
+                             f"({self.router.weight.dtype}); cast the input or the module with .to(dtype)")
+        flat = hidden_states.reshape(-1, hidden_size)  # [T, H]
+        routing: RouterOutput = self.router(flat)
+        record_step("route", "The router scores every expert, keeps the top k per token and renormalises.",
+                    router_logits=routing.router_logits, router_probs=routing.router_probs,
+                    top_k_index=routing.top_k_index, top_k_weights=routing.top_k_weights,
+                    derived={"tokens_per_expert": lambda: torch.bincount(
+                        routing.top_k_index.reshape(-1), minlength=self.config.num_experts)})
+        output = self.experts(flat, routing.top_k_index, routing.top_k_weights)  # [T, H]
+        output = output.view(hidden_states.shape)
+        return (output, routing) if return_router_output else output

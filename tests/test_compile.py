@@ -1,0 +1,50 @@
+"""torch.compile(fullgraph=True): capture works for batched_mm and grouped_mm, and fails for eager as documented."""
+
+import pytest
+import torch
+
+from conftest import make_moe
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["batched_mm", "grouped_mm"])
+def test_fullgraph_capture(backend, dtype):
+    moe = make_moe(32, 64, 8, 2, backend=backend, dtype=dtype)
+    x = torch.randn(10, 32).to(dtype)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), moe(x), **TOL[dtype])
+
+
+def test_fullgraph_capture_of_the_fallback_path():
+    moe = make_moe(6, 5, 4, 2, backend="grouped_mm")  # unaligned: the custom-op fallback
+    x = torch.randn(7, 6, requires_grad=True)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, moe(x), **TOL[torch.float32])
+    out.sum().backward()  # the custom op's autograd also traces
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_eager_cannot_fullgraph():
+    moe = make_moe(backend="eager")
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    # the loop over `expert_hit.tolist()` depends on the data: dynamo either refuses it or cannot guard on it
+    data_dependent = (torch._dynamo.exc.Unsupported, torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode)
+    with pytest.raises(data_dependent, match="(?i)data.dependent"):
+        compiled(torch.randn(5, 16))
+
+
+def test_inductor_really_compiles_grouped_mm():
+    moe = make_moe(32, 64, 8, 2, backend="grouped_mm", dtype=torch.bfloat16)
+    x = torch.randn(16, 32).to(torch.bfloat16)
+    compiled = torch.compile(moe, fullgraph=True)  # inductor: generates and builds C++ for this machine
+    torch.testing.assert_close(compiled(x), moe(x), **TOL[torch.bfloat16])
