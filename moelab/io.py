@@ -1,0 +1,167 @@
+"""`save_pretrained` / `from_pretrained`: a local folder with `config.json` and `model.safetensors`.
+
+The folder holds the model's config (plus `model_type`, the dtype the weights were saved in and the moelab
+version) and its weights. The experts backend is not saved: like the attention implementation in transformers,
+it is a choice of how to run the model, made again at load time (`experts_implementation=`).
+Every way a folder can be wrong (missing, not JSON, another model, truncated weights, missing tensors, wrong
+shapes) raises FileNotFoundError or ValueError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_META_KEYS = ("model_type", "dtype", "moelab_version")
+
+
+def _atomic_write(path: Path, write) -> None:
+    # NOTE: write to a temporary name, then rename: an interrupted save never leaves a half-written file behind
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_pretrained(model, save_directory) -> Path:
+    """Write `config.json` and `model.safetensors` into `save_directory` (created if needed); returns its path."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_directory {directory} exists and is not a folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": model.model_type, **model.config.to_dict(),
+              "dtype": str(model.dtype).removeprefix("torch."), "moelab_version": __version__}
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+    _atomic_write(directory / CONFIG_NAME,
+                  lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    return directory
+
+
+def resolve_dtype(dtype, argument: str = "dtype") -> torch.dtype | None:
+    """None / "auto" -> None (keep the saved dtype); "bfloat16", "torch.float16", torch.float32 -> the dtype."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+    else:
+        resolved = dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"{argument} must be a floating torch.dtype, its name (e.g. 'bfloat16') or 'auto', "
+                         f"got {dtype!r}")
+    return resolved
+
+
+def _read_config(cls, config_path: Path):
+    """config.json -> the config object (the meta keys are checked or skipped)."""
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: {config_path.parent} is not a folder written by "
+                                f"save_pretrained")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type != cls.model_type:
+        from .model import MODEL_TYPES
+
+        hint = f"; load it with moelab.{MODEL_TYPES[model_type].__name__}" if model_type in MODEL_TYPES else ""
+        raise ValueError(f"{config_path} has model_type {model_type!r}, but {cls.__name__} loads "
+                         f"{cls.model_type!r}{hint}")
+    fields = {key: value for key, value in raw.items() if key not in _META_KEYS}
+    try:
+        config = cls.config_class.from_dict(fields)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{config_path} holds an invalid {cls.config_class.__name__}: {error}") from None
+    return config
+
+
+def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing: {weights_path.parent} is not a folder written by "
+                                f"save_pretrained")
+    try:
+        return load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error types (truncated header, bad offsets, ...)
+        raise ValueError(f"{weights_path} is not a readable safetensors file, it may be truncated or corrupt "
+                         f"({type(error).__name__}: {error})") from None
+
+
+def _check_tensors(tensors: dict, expected: dict, weights_path: Path) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not match its config: missing tensors {missing}, "
+                         f"unexpected tensors {unexpected}")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{weights_path}: tensor {name!r} has shape {list(tensor.shape)}, "
+                             f"the config expects {list(expected[name].shape)}")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected a floating dtype")
+
+
+def from_pretrained(cls, pretrained_model_path, experts_implementation: str | dict | None = None, *,
+                    dtype: torch.dtype | str | None = None, device=None):
+    """Load a `cls` model saved with `save_pretrained` from a local folder.
+
+    experts_implementation: a backend name or a dict per sub-config (see `set_experts_implementation`);
+        None uses the default.
+    dtype: None / "auto" keeps the dtype the weights were saved in; else cast to it (e.g. torch.bfloat16).
+    device: where to put the model (default CPU).
+    """
+    if not isinstance(pretrained_model_path, (str, os.PathLike)):
+        raise ValueError(f"pretrained_model_path must be a local folder path, got "
+                         f"{type(pretrained_model_path).__name__}")
+    directory = Path(pretrained_model_path)
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory} does not exist; from_pretrained loads local folders written by "
+                                f"save_pretrained (there is no hub download)")
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is a file; pass the folder that save_pretrained wrote")
+    target_dtype = resolve_dtype(dtype)
+    config = _read_config(cls, directory / CONFIG_NAME)
+    weights_path = directory / WEIGHTS_NAME
+    tensors = _read_weights(weights_path)
+
+    model = cls(config, experts_implementation, seed=0)  # the weights are overwritten below
+    _check_tensors(tensors, model.state_dict(), weights_path)
+    if target_dtype is None:  # keep the saved dtype: the one most tensors have
+        target_dtype = Counter(t.dtype for t in tensors.values()).most_common(1)[0][0]
+    model.to(target_dtype)
+    model.load_state_dict(tensors)  # copies, casting to each parameter's dtype
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_pretrained(pretrained_model_path, experts_implementation: str | dict | None = None, *,
+                    dtype: torch.dtype | str | None = None, device=None):
+    """Load whichever moelab model a `save_pretrained` folder holds (chosen by its config's model_type)."""
+    from .model import MODEL_TYPES
+
+    config_path = Path(pretrained_model_path) / CONFIG_NAME
+    model_type = None
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        pass  # the class's from_pretrained below reports what is wrong with the folder
+    cls = MODEL_TYPES.get(model_type, MODEL_TYPES["moelab_causal_lm"])
+    return from_pretrained(cls, pretrained_model_path, experts_implementation, dtype=dtype, device=device)
