@@ -42,6 +42,10 @@ def _run_compare(args) -> int:
 
 SUBCOMMANDS = [_add_compare]  # other modules append their sub-command builders here
 
+from .bench.cli import add_bench, add_calibrate  # noqa: E402
+
+SUBCOMMANDS += [add_bench, add_calibrate]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m moelab", description=__doc__)

@@ -32,7 +32,8 @@ def compare_backends(config: MoEConfig, num_tokens: int = 128, dtype="float32", 
     for name in backends:
         ExpertsInterface.validate(name)
     moe = SparseMoE(config, seed=seed, dtype=dtype)
-    x = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    # NOTE: seed + 1: drawn from the weights' own seed, x would copy the router's rows and route degenerately
+    x = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     rows = []
     with torch.no_grad():
         moe.set_experts_implementation("eager")

@@ -26,9 +26,12 @@ class MoEConfig:
     num_experts: E, experts in the layer.
     top_k: k, experts each token is routed to, in [1, num_experts].
     norm_topk_prob: renormalise the k router probabilities to sum to 1 (OLMoE, Qwen2-MoE).
+    top_k_weights_float32: keep the k routing weights in float32 (Mixtral: the experts then weigh and sum in
+        float32) instead of casting them to the input dtype (OLMoE, Qwen2-MoE). Only matters below float32.
     hidden_act: the gate activation, one of `moelab.activations.ACTIVATIONS`.
     initializer_range: std of the normal init of every weight.
-    shared_expert_intermediate_size: 0 (off), or the width of a Qwen2-MoE style shared expert.
+    shared_expert_intermediate_size: 0 (off), or the width of a Qwen2-MoE style shared expert: a gated MLP every
+        token goes through, scaled by a sigmoid gate and added to the routed output.
     """
 
     hidden_size: int
@@ -39,6 +42,7 @@ class MoEConfig:
     hidden_act: str = "silu"
     initializer_range: float = 0.02
     shared_expert_intermediate_size: int = 0
+    top_k_weights_float32: bool = False
 
     def __post_init__(self) -> None:
         _check_int("hidden_size", self.hidden_size, 1)
@@ -46,8 +50,9 @@ class MoEConfig:
         _check_int("num_experts", self.num_experts, 1)
         _check_int("top_k", self.top_k, 1, self.num_experts, "num_experts")
         _check_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size, 0)
-        if not isinstance(self.norm_topk_prob, bool):
-            raise ValueError(f"norm_topk_prob must be a bool, got {self.norm_topk_prob!r}")
+        for name in ("norm_topk_prob", "top_k_weights_float32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
         if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) \

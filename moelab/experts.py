@@ -55,7 +55,7 @@ class Experts(nn.Module):
         if hidden_states.dtype != param_dtype:
             raise ValueError(f"hidden_states dtype {hidden_states.dtype} does not match the experts' weights "
                              f"({param_dtype}); cast the input or the module with .to(dtype)")
-        if top_k_weights.dtype != param_dtype:
+        if top_k_weights.dtype not in (param_dtype, torch.float32):  # float32: MoEConfig.top_k_weights_float32
             raise ValueError(f"top_k_weights dtype {top_k_weights.dtype} does not match hidden_states "
                              f"({param_dtype}); the router casts its weights to the input dtype")
         for name, t in (("hidden_states", hidden_states), ("top_k_index", top_k_index),
@@ -79,7 +79,9 @@ class Experts(nn.Module):
             got = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise RuntimeError(f"experts backend {self.experts_implementation!r} returned {got}, "
                                f"expected a tensor of shape {list(hidden_states.shape)}")
-        return output
+        # NOTE: float32 top_k_weights (Mixtral) make the backends weigh and sum in float32: cast back, as transformers
+        # does. A no-op (the same tensor) otherwise.
+        return output.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

@@ -1,14 +1,35 @@
-"""`SparseMoE`: router + experts, the MoE block of OLMoE / Qwen2-MoE."""
+"""`SparseMoE`: router + experts (+ an optional shared expert), the MoE block of OLMoE / Qwen2-MoE / Mixtral."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
+from .activations import get_activation
 from .config import MoEConfig
 from .experts import Experts
 from .router import RouterOutput, TopKRouter
 from .steps import record_step
+
+
+class SharedExpert(nn.Module):
+    """The Qwen2-MoE shared expert: one gated MLP that every token goes through, `down(act(gate(x)) * up(x))`.
+
+    Same parameter names as transformers' `Qwen2MoeMLP`, so weights map 1:1.
+    """
+
+    def __init__(self, config: MoEConfig, device=None):
+        super().__init__()
+        H, I = config.hidden_size, config.shared_expert_intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=False, device=device)
+        self.up_proj = nn.Linear(H, I, bias=False, device=device)
+        self.down_proj = nn.Linear(I, H, bias=False, device=device)
+        self.act_fn = get_activation(config.hidden_act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states [T, H] -> [T, H]."""
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
 class SparseMoE(nn.Module):
@@ -17,6 +38,10 @@ class SparseMoE(nn.Module):
     `experts_implementation` names the backend (see `moelab.ExpertsInterface.names()`); switch it at runtime
     with `set_experts_implementation`. Weights are drawn from N(0, initializer_range) in float32 and then cast,
     so the same `seed` gives the same model (rounded) in every dtype.
+
+    With `config.shared_expert_intermediate_size > 0` the layer also has a Qwen2-MoE shared expert:
+    `output = routed + sigmoid(shared_expert_gate(x)) * shared_expert(x)`, `shared_expert_gate` a Linear(H, 1).
+    Off by default (`shared_expert` and `shared_expert_gate` are then None).
     """
 
     def __init__(self, config: MoEConfig, experts_implementation: str = "grouped_mm", *,
@@ -27,6 +52,10 @@ class SparseMoE(nn.Module):
         self.config = config
         self.router = TopKRouter(config, device=device)
         self.experts = Experts(config, experts_implementation, device=device)
+        self.shared_expert = self.shared_expert_gate = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = SharedExpert(config, device=device)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False, device=device)
         self.reset_parameters(seed)
         if dtype is not None:
             self.to(dtype)
@@ -37,7 +66,10 @@ class SparseMoE(nn.Module):
         generator = None
         if seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(seed)
-        for param in (self.router.weight, self.experts.gate_up_proj, self.experts.down_proj):
+        params = [self.router.weight, self.experts.gate_up_proj, self.experts.down_proj]
+        if self.shared_expert is not None:  # drawn last, so the routed weights do not depend on it
+            params += [*self.shared_expert.parameters(), self.shared_expert_gate.weight]
+        for param in params:
             values = torch.empty(param.shape, dtype=torch.float32).normal_(
                 0.0, self.config.initializer_range, generator=generator)
             param.copy_(values)
@@ -68,5 +100,11 @@ class SparseMoE(nn.Module):
                     derived={"tokens_per_expert": lambda: torch.bincount(
                         routing.top_k_index.reshape(-1), minlength=self.config.num_experts)})
         output = self.experts(flat, routing.top_k_index, routing.top_k_weights)  # [T, H]
+        if self.shared_expert is not None:
+            shared_output = self.shared_expert(flat)  # [T, H]
+            shared_gate = F.sigmoid(self.shared_expert_gate(flat))  # [T, 1]
+            record_step("shared_expert", "Every token also goes through the shared expert, scaled by a sigmoid gate "
+                        "and added to the routed output.", shared_output=shared_output, shared_gate=shared_gate)
+            output = output + shared_gate * shared_output  # [T, H], as Qwen2-MoE adds it
         output = output.view(hidden_states.shape)
         return (output, routing) if return_router_output else output

@@ -15,14 +15,15 @@ class RouterOutput(NamedTuple):
     router_logits: torch.Tensor  # [T, E], input dtype
     router_probs: torch.Tensor  # [T, E], float32 softmax over all experts
     top_k_index: torch.Tensor  # [T, k], int64 expert ids, most probable first
-    top_k_weights: torch.Tensor  # [T, k], input dtype, renormalised when norm_topk_prob
+    top_k_weights: torch.Tensor  # [T, k], input dtype (float32 if top_k_weights_float32); renormed if norm_topk_prob
 
 
 class TopKRouter(nn.Module):
     """Scores every expert for every token and keeps the top k.
 
     Softmax runs in float32 (bfloat16 probabilities tie and round badly); the kept weights are cast back to the
-    input dtype, as OLMoE and Qwen2-MoE do, so the experts see one dtype.
+    input dtype, as OLMoE and Qwen2-MoE do, so the experts see one dtype. With `top_k_weights_float32` they stay
+    float32, as Mixtral's do (its experts then weigh and sum the pairs in float32).
     """
 
     def __init__(self, config: MoEConfig, dtype=None, device=None):
@@ -30,6 +31,7 @@ class TopKRouter(nn.Module):
         self.top_k = config.top_k
         self.num_experts = config.num_experts
         self.norm_topk_prob = config.norm_topk_prob
+        self.top_k_weights_float32 = config.top_k_weights_float32
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=dtype, device=device))
 
     def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
@@ -38,7 +40,9 @@ class TopKRouter(nn.Module):
         top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)  # [T, k] each
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return RouterOutput(router_logits, router_probs, top_k_index, top_k_weights.to(hidden_states.dtype))
+        if not self.top_k_weights_float32:
+            top_k_weights = top_k_weights.to(hidden_states.dtype)
+        return RouterOutput(router_logits, router_probs, top_k_index, top_k_weights)
 
 
 def load_balancing_loss(router_output: RouterOutput, num_experts: int | None = None) -> torch.Tensor:

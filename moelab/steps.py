@@ -26,10 +26,14 @@ def record_step(name: str, explanation: str, *, derived: dict | None = None, **t
     changes what the backend computes next. Non-tensor values (ints, strings) are allowed as context.
     `derived` holds views made only for display (tensors, or zero-argument callables evaluated only while
     recording, so they cost nothing when no inspection is active); traces flag them as derived.
+    `explanation` may also be a zero-argument callable returning the sentence: pass one when the sentence is
+    formatted from data (`lambda: f"... {len(token_idx)} tokens"`), so it is built only while recording.
     """
     # NOTE: the cheap emptiness check comes first, so hooks-off costs one list truthiness test.
     if not _recorders or torch.compiler.is_compiling():
         return
+    if callable(explanation):
+        explanation = explanation()
     shown = {key: value() if callable(value) else value for key, value in (derived or {}).items()}
     for recorder in list(_recorders):
         recorder(name, explanation, tensors, shown)

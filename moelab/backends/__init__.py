@@ -8,7 +8,8 @@ Dimension letters, used in every shape comment of this package:
 Every backend has the signature
     fn(experts, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]
 and reads `experts.gate_up_proj [E, 2I, H]` (gate rows first, then up), `experts.down_proj [E, H, I]` and
-`experts.act_fn`. `eager` is the readable reference; the other two are the fast paths.
+`experts.act_fn`. `eager` is the readable reference; the other two are the fast paths; `auto` picks one of
+the three per call.
 """
 
 from .registry import ExpertsInterface
@@ -16,12 +17,16 @@ from .eager import eager_experts
 from .batched_mm import batched_mm_experts
 from .grouped_mm import grouped_mm_experts
 from .grouped_matmul import force_fallback, grouped_linear, matmul_path, PATH_COUNTS
+from .workspace import release_workspace, use_workspace, workspace_bytes
+from .auto import auto_experts, CrossoverTable, DEFAULT_CROSSOVERS
 
 ExpertsInterface.register("eager", eager_experts, overwrite=True)
 ExpertsInterface.register("batched_mm", batched_mm_experts, overwrite=True)
 ExpertsInterface.register("grouped_mm", grouped_mm_experts, overwrite=True)
+ExpertsInterface.register("auto", auto_experts, overwrite=True)
 
 __all__ = [
     "ExpertsInterface", "eager_experts", "batched_mm_experts", "grouped_mm_experts",
     "force_fallback", "grouped_linear", "matmul_path", "PATH_COUNTS",
+    "auto_experts", "CrossoverTable", "DEFAULT_CROSSOVERS", "release_workspace", "use_workspace", "workspace_bytes",
 ]

@@ -19,14 +19,17 @@ def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
     repeated = hidden_states.repeat_interleave(top_k, dim=0)  # [S, H]
     record_step("repeat", "Repeat each token k times, one row per (token, expert) pair.", repeated=repeated)
 
-    # NOTE: advanced indexing copies: these are new [S, ...] tensors, not views of the parameters.
-    gate_up_weights = experts.gate_up_proj[expert_ids]  # [S, 2I, H]
-    down_weights = experts.down_proj[expert_ids]  # [S, H, I]
+    # NOTE: the gather copies: these are new [S, ...] tensors, not views of the parameters. (index_select is
+    # weight[expert_ids] with a faster CPU kernel.)
+    gate_up_weights = experts.gate_up_proj.index_select(0, expert_ids)  # [S, 2I, H]
+    down_weights = experts.down_proj.index_select(0, expert_ids)  # [S, H, I]
     record_step("gather_weights", "Copy each pair's expert weights: the parameter duplication of batched_mm.",
                 expert_ids=expert_ids, gate_up_weights=gate_up_weights, down_weights=down_weights,
                 gate_up_proj=experts.gate_up_proj, down_proj=experts.down_proj)
 
-    gate_up = torch.bmm(gate_up_weights, repeated.unsqueeze(-1)).squeeze(-1)  # [S, 2I]
+    # NOTE: each pair is a row vector times its weight transposed ([1, H] @ [H, 2I]), not [2I, H] @ [H, 1]: the
+    # same dot products, but the CPU bmm kernels run this orientation 2-5x faster.
+    gate_up = torch.bmm(repeated.unsqueeze(1), gate_up_weights.transpose(1, 2)).squeeze(1)  # [S, 2I]
     record_step("up_proj", "One batched matmul projects every pair up through its own gate and up rows.",
                 gate_up=gate_up)
 
@@ -34,7 +37,7 @@ def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
     activated = experts.act_fn(gate) * up  # [S, I]
     record_step("act", "Gate the up projection: act(gate) * up.", activated=activated)
 
-    outputs = torch.bmm(down_weights, activated.unsqueeze(-1)).squeeze(-1)  # [S, H]
+    outputs = torch.bmm(activated.unsqueeze(1), down_weights.transpose(1, 2)).squeeze(1)  # [S, H]
     record_step("down_proj", "A second batched matmul projects every pair back down to the hidden size.",
                 outputs=outputs)
 

@@ -9,7 +9,7 @@ capture it, as the transformers reference documents.
 import torch
 import torch.nn.functional as F
 
-from ..steps import record_step
+from ..steps import is_recording, record_step
 
 
 def eager_experts(experts, hidden_states, top_k_index, top_k_weights):
@@ -24,14 +24,18 @@ def eager_experts(experts, hidden_states, top_k_index, top_k_weights):
     record_step("expert_mask", "One-hot the routing into an [E, k, T] mask and list the experts that got tokens.",
                 expert_mask=expert_mask, expert_hit=expert_hit)
 
+    recording = is_recording()  # NOTE: checked once: the per-expert step would otherwise cost a call per expert
     for expert_id in expert_hit.tolist():
         top_k_pos, token_idx = torch.where(expert_mask[expert_id])  # [n], [n]: slot and token of each pair
-        tokens = hidden_states[token_idx]  # [n, H]
+        tokens = hidden_states.index_select(0, token_idx)  # [n, H]: hidden_states[token_idx], a faster kernel
         gate, up = F.linear(tokens, experts.gate_up_proj[expert_id]).chunk(2, dim=-1)  # [n, I] each
         outputs = F.linear(experts.act_fn(gate) * up, experts.down_proj[expert_id])  # [n, H]
         outputs = outputs * top_k_weights[token_idx, top_k_pos, None]  # [n, H]
-        record_step("expert", f"Expert {expert_id} runs its gated MLP on the {len(token_idx)} tokens routed to it.",
-                    expert_id=expert_id, token_idx=token_idx, top_k_pos=top_k_pos, tokens=tokens, outputs=outputs)
+        if recording:
+            record_step("expert",
+                        f"Expert {expert_id} runs its gated MLP on the {len(token_idx)} tokens routed to it.",
+                        expert_id=expert_id, token_idx=token_idx, top_k_pos=top_k_pos, tokens=tokens,
+                        outputs=outputs)
         final.index_add_(0, token_idx, outputs.to(final.dtype))
 
     record_step("reduce", "Each token's row now holds the weighted sum of its experts' outputs.", output=final)

@@ -107,8 +107,17 @@ def _backward(ctx, grad):
 _grouped_linear_fallback.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, path: str | None = None):
-    """x [S, K] sorted by group, weight [E, N, K], offsets [E] int32 -> [S, N]; `path` from `matmul_path`."""
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, path: str | None = None,
+                   out: torch.Tensor | None = None):
+    """x [S, K] sorted by group, weight [E, N, K], offsets [E] int32 -> [S, N]; `path` from `matmul_path`.
+
+    With `out` ([S, N], CPU, no autograd) the groups are written into it by a loop of `torch.mm(out=...)`:
+    on CPU that loop is exactly what the native `grouped_mm` kernel runs, minus allocating its result.
+    """
+    if out is not None:
+        if not torch.compiler.is_compiling():
+            PATH_COUNTS["loop_out"] += 1
+        return _grouped_linear_into(x, weight, offsets, out)
     if path is None:
         path = matmul_path(x, weight)[0]
     if not torch.compiler.is_compiling():
@@ -117,3 +126,16 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
         # grouped_mm wants the weight column-major: the transpose of our contiguous [E, N, K] is exactly that
         return _native_grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     return _grouped_linear_fallback(x, weight, offsets)
+
+
+def _grouped_linear_into(x, weight, offsets, out):
+    """The eager-only loop behind `grouped_linear(..., out=)`: group g of `x` times `weight[g].T` into `out`."""
+    start = 0
+    # NOTE: one host sync for all the group ends; a group with no rows costs nothing.
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], weight[group].t(), out=out[start:end])
+        start = end
+    if start < out.shape[0]:
+        out[start:].zero_()  # rows past the last offset belong to no group (not reached by our callers)
+    return out

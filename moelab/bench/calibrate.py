@@ -1,0 +1,122 @@
+"""`calibrate`: measure where eager, batched_mm and grouped_mm overtake each other, for the `auto` backend.
+
+For each dtype and mode (plain / compiled) and each value x of the sweep (x = S = T*k pairs, or S/E pairs per
+expert), the backend chosen is the one with the smallest worst-case slowdown against the fastest backend over the
+configurations sharing that x (so a choice that is best at E=8 but bad at E=64 loses to one that is good at
+both). A crossover lies at the geometric midpoint between two measured x whose choices differ. Both units are
+fitted; the one whose choices lose least over the sweep is kept. The table is stored per machine
+(`moelab.backends.auto.calibration_path()`) and read by `auto` from then on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+from ..backends import auto as auto_backend
+from ..backends.auto import CANDIDATES, DEFAULT_CROSSOVERS, CrossoverTable
+
+PREFERENCE = ("grouped_mm", "eager", "batched_mm")  # on a tie: no weight copies first
+
+
+def _segments(choice_by_x: dict, unit: str) -> list[list]:
+    """Merge consecutive equal choices; put each crossover at the geometric midpoint of its two neighbours."""
+    ordered = sorted(choice_by_x.items())
+    segments: list[list] = []
+    for (x_a, b_a), (x_b, b_b) in zip(ordered, ordered[1:]):
+        if b_a != b_b:
+            if unit == "pairs":
+                upper = max(int(x_a), math.isqrt(int(x_a) * int(x_b)))
+            else:
+                upper = float(f"{math.sqrt(x_a * x_b):.3g}")
+            segments.append([upper, b_a])
+    segments.append([None, ordered[-1][1]])
+    return segments
+
+
+def _fit(ok: pd.DataFrame, unit: str, tolerance: float):
+    """(rules, scores, worst penalty of following them over the sweep) for one unit."""
+    rules, scores_meta, worst = {}, {}, 1.0
+    config_keys = ["num_tokens", "num_experts", "top_k", "hidden_size", "intermediate_size"]
+    for (device, dtype, compiled), part in ok.groupby(["device", "dtype", "compiled"]):
+        key = f"{torch.device(device).type}/{dtype}/{'compiled' if compiled else 'eager'}"
+        candidates = [b for b in CANDIDATES if not (compiled and b == "eager")]
+        part = part.assign(x=part["pairs"] if unit == "pairs" else part["pairs"] / part["num_experts"])
+        choice_by_x, penalties = {}, {}
+        for x, at in part.groupby("x"):
+            times = at.pivot_table(index=config_keys, columns="backend", values="median_ms", aggfunc="first")
+            present = [c for c in candidates if c in times]
+            if times.empty or not present:
+                continue
+            best = times[present].min(axis=1)
+            scores = {b: (math.inf if b not in times or times[b].isna().any()  # skipped somewhere: not safe
+                          else float((times[b] / best).max())) for b in candidates}
+            top = min(scores.values())
+            if not math.isfinite(top):
+                continue
+            tied = [b for b in PREFERENCE if b in candidates and scores[b] <= top * (1 + tolerance)]
+            choice_by_x[x] = tied[0]
+            penalties[x] = scores[tied[0]]
+            scores_meta.setdefault(key, {})[f"{x:g}"] = scores
+        if choice_by_x:
+            rules[key] = _segments(choice_by_x, unit)
+            worst = max(worst, max(penalties.values()))
+    return rules, scores_meta, worst
+
+
+def crossovers_from_sweep(table: pd.DataFrame, tolerance: float = 0.0, unit: str = "auto") -> CrossoverTable:
+    """The crossover table a sweep's moelab rows imply (see the module docstring).
+
+    tolerance: a backend within `1 + tolerance` of the best score counts as tied (then PREFERENCE decides).
+    unit: "pairs", "pairs_per_expert", or "auto": the one whose choices lose least against the fastest backend
+    over the sweep (pairs on a tie). Keys the sweep does not cover keep the defaults.
+    """
+    ok = table[(table["library"] == "moelab") & table["backend"].isin(CANDIDATES) & (table["status"] == "ok")]
+    if ok.empty:
+        raise ValueError("the sweep has no measured moelab rows for eager / batched_mm / grouped_mm")
+    units = auto_backend.UNITS if unit == "auto" else (unit,)
+    fits = {u: _fit(ok, u, tolerance) for u in units}
+    chosen = min(units, key=lambda u: (fits[u][2], u != "pairs"))
+    rules, scores_meta, worst = fits[chosen]
+    env = table.attrs.get("environment", {})
+    meta = {"machine_key": auto_backend.machine_key(), "environment": env, "scores": scores_meta,
+            "worst_penalty": {u: fits[u][2] for u in units},
+            "grid": {c: sorted(map(int, ok[c].unique())) for c in ("num_tokens", "num_experts", "top_k",
+                                                                    "hidden_size", "intermediate_size")}}
+    # the defaults (in the chosen unit) stay for what the sweep did not measure; measured keys are more specific
+    return CrossoverTable(rules={**_DEFAULTS_IN[chosen], **rules}, unit=chosen, source="calibrated", meta=meta)
+
+
+# the default advice restated per unit (for the devices a calibration did not measure)
+_DEFAULTS_IN = {
+    "pairs_per_expert": DEFAULT_CROSSOVERS.rules,
+    "pairs": {"cpu/*/eager": [[None, "grouped_mm"]], "cpu/*/compiled": [[32, "batched_mm"], [None, "grouped_mm"]],
+              "*/*/eager": [[64, "batched_mm"], [None, "grouped_mm"]],
+              "*/*/compiled": [[64, "batched_mm"], [None, "grouped_mm"]]},
+}
+
+
+def calibrate(tokens=(1, 4, 16, 64, 256, 1024, 2048), num_experts=(8, 64), top_k=(2, 8), hidden_size=1024,
+              intermediate_size=512, dtypes=("float32", "bfloat16"), compiled=(False,), *, device="cpu",
+              num_threads: int = 1, min_run_time: float = 0.1, memory_budget=None, tolerance: float = 0.02,
+              unit: str = "auto", save: bool = True, path=None, progress: bool = True) -> CrossoverTable:
+    """Sweep eager / batched_mm / grouped_mm, derive the crossovers, and (save=True) store them for this machine
+    so that `auto` uses them; `path` overrides where. Returns the `CrossoverTable`.
+
+    Include `compiled=(False, True)` to calibrate the compiled mode too (slow: one compilation per point).
+    """
+    from .sweep import sweep
+
+    table = sweep(CANDIDATES, tokens, num_experts, top_k, hidden_size, intermediate_size, dtypes, compiled,
+                  device=device, num_threads=num_threads, min_run_time=min_run_time, memory_budget=memory_budget,
+                  measure_memory=False, dense_limit=False, progress=progress)
+    result = crossovers_from_sweep(table, tolerance=tolerance, unit=unit)
+    if save:
+        target = path or auto_backend.calibration_path()
+        result.save(target)
+        result.meta["path"] = str(target)
+        if path is None:
+            auto_backend.reload_crossovers()
+    return result

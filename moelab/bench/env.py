@@ -1,0 +1,76 @@
+"""The environment a benchmark ran in: versions, device, threads, CPU capability, and the clock it read."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+CLOCKS = ("auto", "wall", "process")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def resolve_clock(clock: str, device, num_threads: int) -> str:
+    """'auto' -> 'process' (CPU time of this process) for one thread on CPU, else 'wall'.
+
+    One thread's CPU time does not count the time other programs take the core away: on a shared machine it is
+    far steadier than wall time, and equals it on an idle one. With several threads it would add them up, and a
+    GPU works while the CPU waits, so there wall time is the only honest clock.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {list(CLOCKS)}, got {clock!r}")
+    if clock == "auto":
+        return "process" if torch.device(device).type == "cpu" and num_threads == 1 else "wall"
+    return clock
+
+
+def timer_fn(clock: str):
+    return time.process_time if clock == "process" else time.perf_counter
+
+
+def load_average() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def environment(device="cpu", num_threads: int = 1, clock: str = "auto") -> dict:
+    """A JSON-able record of where the numbers come from."""
+    import moelab
+
+    device = torch.device(device)
+    env = {
+        "moelab_version": moelab.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "num_threads": num_threads,
+        "clock": resolve_clock(clock, device, num_threads),
+        "load_average": load_average(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        import transformers
+
+        env["transformers_version"] = transformers.__version__
+    except ImportError:
+        env["transformers_version"] = None
+    return env

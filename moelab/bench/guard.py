@@ -1,0 +1,136 @@
+"""The memory guard: estimate a measurement's memory before running it; over the budget it is skipped, with why.
+
+The estimate is what stays resident (the layer's weights, a transformers copy of them when comparing, the
+inputs) plus the analytic peak of extra memory of one call from `moelab.memory.analytic`. With backward, the
+autograd graph keeps the forward's intermediates alive and the weights get gradients: we count twice the forward
+peak plus one more copy of the weights, a deliberately generous figure.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .. import memory
+from ..backends import auto as auto_backend
+
+DEFAULT_FRACTION = 0.5  # of the memory available when the sweep starts
+_UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6, "mib": 2 ** 20,
+          "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 10 ** 12, "tib": 2 ** 40}
+
+
+def available_memory(device="cpu") -> int:
+    """Bytes free for new tensors now: MemAvailable on Linux CPUs, free device memory on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def parse_bytes(text: str) -> int | float:
+    """'4GiB' -> 4294967296, '512MB' -> 512000000, '0.5' -> 0.5 (a fraction of the available memory)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory budget must look like '8GiB', '512MB', '1e9' or a fraction such as '0.5', "
+                         f"got {text!r}")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    if not unit and value <= 1 and "." in match.group(1):
+        return value
+    return int(value * _UNITS[unit])
+
+
+def resolve_budget(budget=None, device="cpu") -> int:
+    """None -> DEFAULT_FRACTION of the available memory; a float in (0, 1] -> that fraction; an int -> bytes."""
+    if isinstance(budget, str):
+        budget = parse_bytes(budget)
+    if budget is None:
+        return int(DEFAULT_FRACTION * available_memory(device))
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0 or math.isnan(budget):
+        raise ValueError(f"memory_budget must be None, bytes (int >= 0), a fraction in (0, 1] or a string such "
+                         f"as '8GiB', got {budget!r}")
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a float memory_budget is a fraction of the available memory, in (0, 1]; got {budget}")
+        return int(budget * available_memory(device))
+    return int(budget)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes a measurement needs: resident (weights, inputs) + extra (the backend's peak); note says how."""
+
+    resident_bytes: int
+    extra_bytes: int
+    note: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.extra_bytes
+
+
+def backend_peak(config, num_tokens: int, backend: str, dtype, *, device="cpu",
+                 compiled: bool = False) -> tuple[int, str]:
+    """(analytic peak extra bytes of one experts call, how it was estimated)."""
+    name = backend
+    note = ""
+    if backend == "auto":
+        name, _ = auto_backend.choose(num_tokens * config.top_k, dtype, device, compiled, config.num_experts)
+        note = f"auto -> {name}"
+    if name in memory.BACKENDS:
+        return int(memory.analytic(config, num_tokens, name, dtype, router=False).peak_bytes), note
+    # a user's backend: no model; assume it is no worse than the worse of the two that copy no weights
+    peak = max(int(memory.analytic(config, num_tokens, b, dtype, router=False).peak_bytes)
+               for b in ("eager", "grouped_mm"))
+    return peak, f"no memory model for {backend!r}: assumed like eager/grouped_mm"
+
+
+def estimate(config, num_tokens: int, backend: str, dtype, *, device="cpu", compiled: bool = False,
+             backward: bool = False, weight_copies: int = 1) -> Estimate:
+    """The guard's estimate for one measurement of `backend` (weight_copies: 2 when a transformers copy exists)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    E, H, I, k = config.num_experts, config.hidden_size, config.intermediate_size, config.top_k
+    weights = E * 3 * I * H * itemsize
+    inputs = num_tokens * H * itemsize + num_tokens * k * (8 + itemsize)
+    peak, note = backend_peak(config, num_tokens, backend, dtype, device=device, compiled=compiled)
+    extra = peak
+    if backward:
+        extra = 2 * peak + weights + num_tokens * H * itemsize
+    return Estimate(weight_copies * weights + inputs, extra, note)
+
+
+def dense_estimate(config, num_tokens: int, dtype, backward: bool = False) -> Estimate:
+    """The dense limit's matmul pair: inputs [S, H] and [S, I], weights, outputs [S, 2I] and [S, H]."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    S, H, I = num_tokens * config.top_k, config.hidden_size, config.intermediate_size
+    resident = (S * (H + I) + 3 * I * H) * itemsize
+    extra = S * (2 * I + H) * itemsize
+    if backward:
+        extra = 2 * extra + resident
+    return Estimate(resident, extra, "dense matmul pair")
+
+
+def check(est: Estimate, budget: int, what: str) -> str | None:
+    """None when `est` fits in `budget`, else the reason to record for the skipped measurement."""
+    if est.total_bytes <= budget:
+        return None
+    detail = f" ({est.note})" if est.note else ""
+    return (f"memory guard: {what} needs an estimated {memory.format_bytes(est.total_bytes)} "
+            f"({memory.format_bytes(est.resident_bytes)} resident + {memory.format_bytes(est.extra_bytes)} peak "
+            f"extra{detail}) > budget {memory.format_bytes(budget)}")

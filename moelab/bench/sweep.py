@@ -1,0 +1,396 @@
+"""`sweep`: time the experts backends over a grid and return a tidy table, one row per measurement.
+
+A measurement is one (library, backend, compiled or not) on one configuration (tokens, num_experts, top_k,
+hidden and intermediate size, dtype). The experts call is timed on its own: routing is computed once by the
+layer's router and kept fixed, and both libraries get the same weights and the same routing. Every grid point
+gives a row: measured (`status="ok"`), skipped by the memory guard or because it is not a valid configuration
+(`"skipped"`, with the reason) or failed (`"error"`, with the exception); timings are NaN unless ok.
+
+Per configuration and dtype the *dense limit* is measured in the same run: one dense matmul pair doing the same
+useful FLOPs (`S = T*k` rows through `[H, 2I]` then `[I, H]`). `frac_dense = dense_median_ms / median_ms`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import sys
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
+
+from .. import memory
+from ..backends import ExpertsInterface, release_workspace
+from ..backends import auto as auto_backend
+from ..compare import parse_dtype
+from ..config import MoEConfig
+from ..moe import SparseMoE
+from . import guard
+from .env import environment, load_average, resolve_clock, timer_fn
+
+DEFAULT_BACKENDS = ("eager", "batched_mm", "grouped_mm", "auto")
+DEFAULT_GRID = {
+    "tokens": (1, 16, 128, 512, 2048),
+    "num_experts": (8, 64),
+    "top_k": (2, 8),
+    "hidden_size": (1024,),
+    "intermediate_size": (512,),
+    "dtypes": ("float32", "bfloat16"),
+    "compiled": (False,),
+}
+
+COLUMNS = [
+    "status", "reason", "library", "backend", "chosen", "compiled", "compile_mode", "fullgraph", "pass",
+    "num_tokens", "batch_size", "seq_len", "num_experts", "top_k", "pairs", "hidden_size", "intermediate_size",
+    "dtype", "device", "num_threads", "clock",
+    "median_ms", "iqr_ms", "q1_ms", "q3_ms", "runs",
+    "useful_gflop", "gflops", "dense_median_ms", "dense_iqr_ms", "frac_dense", "grouped_gemm_median_ms",
+    "peak_extra_bytes", "estimate_bytes", "budget_bytes", "max_abs_diff_to_eager",
+]
+
+
+def _as_tuple(value, name: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        value = (value,)
+    value = tuple(value)
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+    return value
+
+
+def _positive_ints(values, name: str) -> tuple[int, ...]:
+    values = _as_tuple(values, name)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be ints >= 1, got {v!r}")
+    return values
+
+
+def _token_shapes(tokens) -> list[tuple[int, int]]:
+    """tokens: ints (T, as batch 1 x sequence T) or (batch_size, seq_len) pairs -> [(batch_size, seq_len)]."""
+    shapes = []
+    for t in _as_tuple(tokens, "tokens"):
+        if isinstance(t, (tuple, list)) and len(t) == 2:
+            b, s = t
+        else:
+            b, s = 1, t
+        for v in (b, s):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"tokens must be ints >= 1 or (batch_size, seq_len) pairs of them, got {t!r}")
+        shapes.append((b, s))
+    return shapes
+
+
+def useful_flops(num_tokens: int, top_k: int, hidden_size: int, intermediate_size: int, backward: bool = False) -> int:
+    """FLOPs the experts must do: per pair 2*H*2I (up) + 2*I*H (down) = 6*H*I; backward adds twice that."""
+    forward = 6 * num_tokens * top_k * hidden_size * intermediate_size
+    return 3 * forward if backward else forward
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Hide what C++ writes straight to fd 2 (the profiler's 'USDT ... profiler_start' lines) meanwhile."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (some notebooks): nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+TOP_UP_LIMIT_S = 3.0  # stop adding blocks for min_runs once a measurement has spent this long
+
+
+def _measure_time(stmt_fn, *, num_threads: int, clock: str, min_run_time: float, min_runs: int = 5) -> dict:
+    """torch.utils.benchmark's blocked_autorange, topped up to `min_runs` blocks so the IQR means something
+    (but not beyond TOP_UP_LIMIT_S of timed calls: a multi-second call gets fewer, and says so in `runs`)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": stmt_fn}, num_threads=num_threads, timer=timer_fn(clock))
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    block_times = list(m.times)  # seconds per call, one value per block of m.number_per_run calls
+    while len(block_times) < min_runs and sum(block_times) * m.number_per_run < TOP_UP_LIMIT_S:
+        block_times.extend(timer.timeit(m.number_per_run).times)
+    times = np.asarray(block_times) * 1e3
+    q1, q3 = np.percentile(times, [25, 75])
+    return {"median_ms": float(np.median(times)), "iqr_ms": float(q3 - q1), "q1_ms": float(q1), "q3_ms": float(q3),
+            "runs": int(len(block_times) * m.number_per_run)}
+
+
+def _dense_pair(num_pairs: int, hidden: int, inter: int, dtype, device, backward: bool, generator):
+    """The dense limit: x [S, H] through w_up [2I, H], then a [S, I] through w_down [H, I] (nn.Linear layout)."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+    x, a = rand(num_pairs, hidden), rand(num_pairs, inter)
+    w_up, w_down = rand(2 * inter, hidden) * hidden ** -0.5, rand(hidden, inter) * inter ** -0.5
+    if not backward:
+        return lambda: (F.linear(x, w_up), F.linear(a, w_down))
+    leaves = [t.requires_grad_() for t in (x, w_up, a, w_down)]
+    g_up, g_down = rand(num_pairs, 2 * inter), rand(num_pairs, hidden)
+
+    def step():
+        return torch.autograd.grad([F.linear(x, w_up), F.linear(a, w_down)], leaves, [g_up, g_down])
+    return step
+
+
+def _grouped_gemm_pair(experts, top_k_index, dtype, device, generator):
+    """The two bare grouped GEMMs of this routing on pre-sorted inputs: what no expert backend can undercut."""
+    from ..backends.grouped_matmul import grouped_linear
+    from ..backends.grouped_mm import expert_offsets, sort_by_expert
+
+    _, sorted_ids = sort_by_expert(top_k_index)
+    offsets = expert_offsets(sorted_ids, experts.num_experts)
+    S = top_k_index.numel()
+    x = torch.randn(S, experts.hidden_size, generator=generator).to(dtype=dtype, device=device)
+    a = torch.randn(S, experts.intermediate_size, generator=generator).to(dtype=dtype, device=device)
+    return lambda: (grouped_linear(x, experts.gate_up_proj, offsets), grouped_linear(a, experts.down_proj, offsets))
+
+
+def _call(library: str, backend: str, moe: SparseMoE, hf_module, compiled: bool, fullgraph: bool, mode):
+    """fn(hidden_states, top_k_index, top_k_weights) -> [T, H] for one measurement."""
+    if library == "moelab":
+        experts, impl = moe.experts, ExpertsInterface.get(backend)
+    else:
+        from . import hf
+
+        experts, impl = hf_module, hf.backend(backend)
+
+    def fn(x, i, w):
+        return impl(experts, x, i, w)
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=fullgraph, mode=mode, dynamic=False)
+    return fn, experts
+
+
+def sweep(backends: Sequence[str] | None = None, tokens=DEFAULT_GRID["tokens"],
+          num_experts=DEFAULT_GRID["num_experts"], top_k=DEFAULT_GRID["top_k"],
+          hidden_size=DEFAULT_GRID["hidden_size"], intermediate_size=DEFAULT_GRID["intermediate_size"],
+          dtypes=DEFAULT_GRID["dtypes"], compiled=DEFAULT_GRID["compiled"], *,
+          transformers: bool = False, device="cpu", num_threads: int = 1, backward: bool = False,
+          min_run_time: float = 0.2, min_runs: int = 5, memory_budget=None, measure_memory: bool = True,
+          dense_limit: bool = True, gemm_bound: bool = False, clock: str = "auto", compile_mode: str | None = None,
+          hidden_act: str = "silu", seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Time `backends` over the grid tokens x num_experts x top_k x hidden_size x intermediate_size x dtypes x
+    compiled; one row per measurement (see `COLUMNS` and the module docstring).
+
+    tokens: ints T, or (batch_size, seq_len) pairs (T = their product). transformers: also time transformers'
+    same-named backends on identical weights (needs `pip install -e .[hf]`). num_threads: torch threads (1:
+    steadiest on a shared machine). backward: time forward + backward instead of forward only.
+    min_run_time: seconds of timing per measurement (torch.utils.benchmark's blocked_autorange); min_runs: at
+    least this many timed blocks, so that the median and IQR rest on several values even for slow calls.
+    memory_budget: bytes, a fraction of the available memory, or a string such as "8GiB"; default half the
+    available memory: a measurement estimated above it is skipped and recorded with the reason.
+    measure_memory: also measure each call's peak extra bytes (one profiled call). dense_limit: measure the
+    dense matmul pair; gemm_bound: also time the bare grouped GEMMs of the routing. clock: "auto" (CPU time of
+    this process for one CPU thread, else wall), "wall" or "process". compile_mode: torch.compile mode for the
+    compiled variants (`fullgraph=True`, except eager, which cannot be captured whole).
+    The table's `attrs["environment"]` records versions, device, threads, CPU capability and the clock.
+    """
+    backends = _as_tuple(backends or DEFAULT_BACKENDS, "backends")
+    for name in backends:
+        ExpertsInterface.validate(name)
+    shapes = _token_shapes(tokens)
+    num_experts = _positive_ints(num_experts, "num_experts")
+    top_k = _positive_ints(top_k, "top_k")
+    hidden_size = _positive_ints(hidden_size, "hidden_size")
+    intermediate_size = _positive_ints(intermediate_size, "intermediate_size")
+    dtypes = tuple(parse_dtype(d) for d in _as_tuple(dtypes, "dtypes"))
+    compiled = tuple(bool(c) for c in _as_tuple(compiled, "compiled"))
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+    if not isinstance(min_run_time, (int, float)) or min_run_time <= 0:
+        raise ValueError(f"min_run_time must be > 0 seconds, got {min_run_time!r}")
+    if isinstance(min_runs, bool) or not isinstance(min_runs, int) or min_runs < 1:
+        raise ValueError(f"min_runs must be an int >= 1, got {min_runs!r}")
+    device = torch.device(device)
+    clock = resolve_clock(clock, device, num_threads)
+    budget = guard.resolve_budget(memory_budget, device)
+    libraries = ["moelab"]
+    if transformers:
+        from . import hf
+
+        hf.require_transformers()
+        libraries.append("transformers")
+    measurements = [(lib, b) for lib in libraries for b in backends
+                    if lib == "moelab" or b in ("eager", "batched_mm", "grouped_mm")]
+
+    grid = list(itertools.product(dtypes, hidden_size, intermediate_size, num_experts, top_k, shapes))
+    total = len(grid) * len(compiled) * len(measurements)
+    env = environment(device, num_threads, clock)
+    rows: list[dict] = []
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="moelab bench", unit="meas", disable=not progress)
+    try:
+        for (dtype, H, I, E, k), group in itertools.groupby(grid, key=lambda g: g[:5]):
+            shapes_here = [g[5] for g in group]
+            _sweep_config(rows, bar, dtype, H, I, E, k, shapes_here, compiled, measurements, device=device,
+                          num_threads=num_threads, backward=backward, min_run_time=min_run_time, min_runs=min_runs,
+                          budget=budget,
+                          measure_memory=measure_memory, dense_limit=dense_limit, gemm_bound=gemm_bound,
+                          clock=clock, compile_mode=compile_mode, hidden_act=hidden_act, seed=seed)
+    finally:
+        bar.close()
+        torch.set_num_threads(previous_threads)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    env["load_average_after"] = load_average()
+    env["budget_bytes"] = budget
+    table.attrs["environment"] = env
+    return table
+
+
+def _sweep_config(rows, bar, dtype, H, I, E, k, shapes, compiled, measurements, *, device, num_threads, backward,
+                  min_run_time, min_runs, budget, measure_memory, dense_limit, gemm_bound, clock, compile_mode,
+                  hidden_act, seed):
+    dtype_name = str(dtype).removeprefix("torch.")
+    base = {"num_experts": E, "top_k": k, "hidden_size": H, "intermediate_size": I, "dtype": dtype_name,
+            "device": str(device), "num_threads": num_threads, "clock": clock, "budget_bytes": budget,
+            "pass": "forward+backward" if backward else "forward"}
+    if k > E:
+        for (b, s), comp, (lib, name) in itertools.product(shapes, compiled, measurements):
+            rows.append(_row(base, lib, name, comp, b, s, status="skipped",
+                             reason=f"invalid configuration: top_k = {k} > num_experts = {E}"))
+            bar.update()
+        return
+    config = MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, top_k=k, hidden_act=hidden_act,
+                       initializer_range=H ** -0.5)
+    weight_copies = 1 + any(lib == "transformers" for lib, _ in measurements)
+    moe = hf_module = None
+    for shape_index, (b, s) in enumerate(shapes):
+        T = b * s
+        S = T * k
+        # the guard first: nothing is built or run for a configuration that does not fit
+        plans = []
+        for comp, (lib, name) in itertools.product(compiled, measurements):
+            est = guard.estimate(config, T, name, dtype, device=device, compiled=comp, backward=backward,
+                                 weight_copies=weight_copies)
+            what = f"{lib} {name}{' compiled' if comp else ''} at T={T}, E={E}, k={k}, H={H}, I={I}, {dtype_name}"
+            plans.append((comp, lib, name, est, guard.check(est, budget, what)))
+        if all(reason for *_, reason in plans):
+            for comp, lib, name, est, reason in plans:
+                rows.append(_row(base, lib, name, comp, b, s, status="skipped", reason=reason,
+                                 estimate_bytes=est.total_bytes))
+                bar.update()
+            continue
+        if moe is None:
+            moe = SparseMoE(config, seed=seed, dtype=dtype, device=device)
+            if weight_copies == 2:
+                from . import hf
+
+                hf_module = hf.transformers_experts(moe.experts)
+        generator = torch.Generator().manual_seed(seed + T)
+        x = torch.randn(T, H, generator=generator).to(dtype=dtype, device=device)
+        with torch.no_grad():
+            routing = moe.router(x)
+        top_k_index, top_k_weights = routing.top_k_index, routing.top_k_weights
+        reference = None
+        eager_est = guard.estimate(config, T, "eager", dtype, device=device, weight_copies=weight_copies)
+        if eager_est.total_bytes <= budget:
+            with torch.no_grad():
+                reference = ExpertsInterface.get("eager")(moe.experts, x, top_k_index, top_k_weights).float()
+        shared = {"useful_gflop": useful_flops(T, k, H, I, backward) / 1e9}
+        dense_est = guard.dense_estimate(config, T, dtype, backward)
+        if dense_limit and dense_est.total_bytes <= budget:
+            dense = _measure_time(_dense_pair(S, H, I, dtype, device, backward, generator),
+                                  num_threads=num_threads, clock=clock, min_run_time=min_run_time,
+                                  min_runs=min_runs)
+            shared["dense_median_ms"], shared["dense_iqr_ms"] = dense["median_ms"], dense["iqr_ms"]
+        if gemm_bound and not backward and dense_est.total_bytes <= budget:
+            with torch.no_grad():
+                bound = _measure_time(_grouped_gemm_pair(moe.experts, top_k_index, dtype, device, generator),
+                                      num_threads=num_threads, clock=clock, min_run_time=min_run_time,
+                                  min_runs=min_runs)
+            shared["grouped_gemm_median_ms"] = bound["median_ms"]
+        # NOTE: run each backend's two libraries back to back, and alternate which goes first from one token count
+        # to the next, so the machine's drift and one measurement's after-effects (a freed multi-GiB copy) do not
+        # always fall on the same side of a comparison. Rows keep the canonical order.
+        order = sorted(range(len(plans)), key=lambda i: (plans[i][0], plans[i][2],
+                                                         (plans[i][1] == "moelab") == bool(shape_index % 2)))
+        results: dict[int, dict] = {}
+        for i in order:
+            comp, lib, name, est, reason = plans[i]
+            bar.set_postfix_str(f"{dtype_name} E={E} k={k} T={T} {lib}:{name}{'+compile' if comp else ''}")
+            if reason:
+                results[i] = _row(base, lib, name, comp, b, s, status="skipped", reason=reason,
+                                  estimate_bytes=est.total_bytes, **shared)
+            else:
+                results[i] = _measure_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, top_k_weights,
+                                          reference, est, shared, num_threads=num_threads, clock=clock,
+                                          min_run_time=min_run_time, min_runs=min_runs, backward=backward,
+                                          compile_mode=compile_mode, measure_memory=measure_memory)
+            bar.update()
+        rows.extend(results[i] for i in range(len(plans)))
+
+
+def _row(base, library, backend, compiled, batch_size, seq_len, **values) -> dict:
+    T = batch_size * seq_len
+    row = dict.fromkeys(COLUMNS, math.nan)
+    row.update(base)
+    row.update({"library": library, "backend": backend, "compiled": compiled, "num_tokens": T,
+                "batch_size": batch_size, "seq_len": seq_len, "pairs": T * base["top_k"], "reason": "",
+                "chosen": "", "compile_mode": "", "fullgraph": math.nan})
+    row.update(values)
+    if "dense_median_ms" in values and "median_ms" in values:
+        row["frac_dense"] = values["dense_median_ms"] / values["median_ms"]
+    return row
+
+
+def _measure_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, top_k_weights, reference, est, shared,
+                 *, num_threads, clock, min_run_time, min_runs, backward, compile_mode, measure_memory) -> dict:
+    fullgraph = name != "eager"  # eager's data-dependent loop cannot be captured whole
+    extra = {"estimate_bytes": est.total_bytes, **shared}
+    if comp:
+        extra.update(compile_mode=compile_mode or "default", fullgraph=fullgraph)
+    if name == "auto":
+        extra["chosen"] = auto_backend.choose(top_k_index.numel(), x.dtype, x.device, comp, moe.config.num_experts)[0]
+    try:
+        fn, experts = _call(lib, name, moe, hf_module, comp, fullgraph, compile_mode)
+        with torch.no_grad():
+            out = fn(x, top_k_index, top_k_weights)  # warm-up (and compilation)
+        if reference is not None:
+            extra["max_abs_diff_to_eager"] = (out.float() - reference).abs().max().item() if out.numel() else 0.0
+        del out
+        if backward:
+            x_leaf = x.detach().clone().requires_grad_()
+            leaves = [x_leaf, experts.gate_up_proj, experts.down_proj]
+            grad_out = torch.randn_like(x)
+
+            def stmt():
+                return torch.autograd.grad(fn(x_leaf, top_k_index, top_k_weights), leaves, grad_out)
+            stmt()
+            timing = _measure_time(stmt, num_threads=num_threads, clock=clock, min_run_time=min_run_time,
+                                  min_runs=min_runs)
+        else:
+            def stmt():
+                return fn(x, top_k_index, top_k_weights)
+            with torch.no_grad():
+                timing = _measure_time(stmt, num_threads=num_threads, clock=clock, min_run_time=min_run_time,
+                                  min_runs=min_runs)
+        if measure_memory:
+            release_workspace()  # so a reused workspace counts in the peak, as on a first call
+            with _native_stderr_silenced(), torch.set_grad_enabled(backward):
+                extra["peak_extra_bytes"] = memory.measure(stmt, device=x.device).peak_bytes
+        gflops = shared["useful_gflop"] / (timing["median_ms"] / 1e3)
+        return _row(base, lib, name, comp, b, s, status="ok", gflops=gflops, **timing, **extra)
+    except Exception as err:  # a backend that cannot run here is a result, not a crash
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return _row(base, lib, name, comp, b, s, status="error", reason=f"{type(err).__name__}: {message}"[:500],
+                    **extra)
+    finally:
+        if comp:
+            torch._dynamo.reset()

@@ -1,0 +1,311 @@
+"""Pictures of a trace: routing, tokens per expert, grouped_mm's permutation, memory per step, duplication vs T.
+
+Every function draws with matplotlib (headless-safe: nothing here picks a backend or calls `show`), labels its
+axes with units, and returns its Figure, which a notebook shows as the cell's value (`fig.savefig(...)` elsewhere). Functions that take a trace accept a `Trace`, a `Call` or a list of
+`MemoryEstimate`s where it makes sense; `call=` picks the MoE call of a trace (default: the first).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from .memory import BACKENDS, MemoryEstimate, analytic, format_bytes
+
+__all__ = ["plot_routing", "plot_tokens_per_expert", "plot_permutation", "plot_memory", "plot_duplication",
+           "plot_trace"]
+
+_MIB = 2 ** 20
+
+
+class NotebookFigure(Figure):
+    """A matplotlib Figure outside pyplot (no global figure list, no GUI, no double display in Jupyter) that still
+    shows itself as a PNG when it is a notebook cell's value, even in a kernel that never imported pyplot."""
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace(type(self).__name__, "Figure", 1)  # as any Figure prints
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=80)
+        return buffer.getvalue()
+
+
+def _figure(**kwargs) -> NotebookFigure:
+    return NotebookFigure(layout="constrained", **kwargs)
+
+
+def _new_axes(ax, figsize=(6.4, 4.0)):
+    if ax is not None:
+        return ax.figure, ax
+    fig = _figure(figsize=figsize)
+    return fig, fig.add_subplot()
+
+
+def _call(source, call: int):
+    from .inspect import Call, Trace
+
+    if isinstance(source, Call):
+        return source
+    if isinstance(source, Trace):
+        if not source.calls:
+            raise ValueError("the trace recorded no MoE call: run the module inside the `with moelab.inspect(...)` "
+                             "block")
+        try:
+            return source.calls[call]
+        except IndexError:
+            raise ValueError(f"call={call} but the trace has {len(source.calls)} calls") from None
+    raise TypeError(f"expected a moelab Trace or Call, got {type(source).__name__}")
+
+
+def _step(call, name: str, why: str):
+    found = call.find(name)
+    if not found:
+        raise ValueError(f"call {call.index} ({call.layer}, backend {call.backend}) has no {name!r} step: {why}")
+    step = found[0]
+    if any(t.device.type == "meta" for t in step.tensors.values()):
+        raise ValueError("this trace kept only shapes (keep_tensors=False); inspect with keep_tensors=True to plot")
+    return step
+
+
+def _title(call) -> str:
+    from .inspect import _stage_label
+
+    return f"{call.layer} · {_stage_label(call.stage, call.decode_step)} · {call.backend}"
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).numpy()
+
+
+def _routing(call):
+    step = _step(call, "route", "the router runs in SparseMoE; inspect the SparseMoE or the model, not Experts alone")
+    return step.tensors["top_k_index"], step.tensors["top_k_weights"], step
+
+
+def plot_routing(source, call: int = 0, *, what: str = "weights", ax=None):
+    """Heatmap tokens x experts: the router weight each token gives each expert (0 where not in its top k);
+    `what="probs"`: the full softmax over experts."""
+    c = _call(source, call)
+    index, weights, step = _routing(c)
+    num_experts = step.tensors["router_probs"].shape[-1]
+    if what == "weights":
+        dense = torch.zeros(index.shape[0], num_experts, dtype=torch.float32)
+        dense.scatter_(1, index.detach().cpu(), weights.detach().cpu().float())
+        label = "router weight (top-k, as used)"
+    elif what == "probs":
+        dense = step.tensors["router_probs"].detach().cpu().float()
+        label = "router probability (softmax)"
+    else:
+        raise ValueError(f"what must be 'weights' or 'probs', got {what!r}")
+    fig, ax = _new_axes(ax, figsize=(5.0, 5.5))
+    image = ax.imshow(dense.numpy(), aspect="auto", cmap="Blues", vmin=0.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=label)
+    ax.set_xlabel("expert (id)")
+    ax.set_ylabel("token (position in the flattened batch)")
+    ax.set_xticks(range(num_experts) if num_experts <= 32 else np.linspace(0, num_experts - 1, 9).astype(int))
+    ax.set_title(f"Routing: {_title(c)}")
+    return fig
+
+
+def _tokens_per_expert(call) -> np.ndarray:
+    for name in ("route", "offsets"):
+        for step in call.find(name):
+            if "tokens_per_expert" in step.tensors and step.tensors["tokens_per_expert"].device.type != "meta":
+                return _numpy(step.tensors["tokens_per_expert"]).astype(int)
+    experts = call.find("expert")
+    if experts and call.sizes:
+        counts = np.zeros(call.sizes["num_experts"], dtype=int)
+        for step in experts:
+            counts[step.info["expert_id"]] = step.tensors["token_idx"].shape[0]
+        return counts
+    raise ValueError(f"call {call.index} ({call.layer}, backend {call.backend}) recorded no tokens per expert")
+
+
+def plot_tokens_per_expert(source, call: int = 0, *, ax=None):
+    """One bar per expert: how many (token, expert) pairs it got; the dashed line is perfect balance T*k/E."""
+    c = _call(source, call)
+    counts = _tokens_per_expert(c)
+    fig, ax = _new_axes(ax)
+    ax.bar(np.arange(len(counts)), counts, color="tab:blue", label="pairs routed")
+    ax.axhline(counts.sum() / len(counts), color="tab:red", linestyle="--", label=f"balanced: T*k/E = "
+               f"{counts.sum() / len(counts):.3g}")
+    ax.set_xlabel("expert (id)")
+    ax.set_ylabel("tokens per expert (pairs)")
+    if len(counts) <= 32:
+        ax.set_xticks(range(len(counts)))
+    ax.legend(loc="upper right", fontsize="small")
+    ax.set_title(f"Tokens per expert: {_title(c)}")
+    return fig
+
+
+def plot_permutation(source, call: int = 0, *, ax=None, max_lines: int = 256):
+    """grouped_mm's sort: the expert id of every pair before (token order) and after (expert order), a line from
+    each pair's old position to its new one, and the offsets (group ends) marked on the sorted row."""
+    c = _call(source, call)
+    sort = _step(c, "sort", "the permutation is grouped_mm's; this call ran another backend")
+    offsets = _numpy(_step(c, "offsets", "grouped_mm records it after the sort").tensors["offsets"]).astype(int)
+    perm = _numpy(sort.tensors["perm"]).astype(int)
+    after = _numpy(sort.tensors["sorted_expert_ids"]).astype(int)
+    before = np.empty_like(after)
+    before[perm] = after  # pair perm[j] (token order) went to position j
+    num_pairs, num_experts = len(perm), len(offsets)
+    cmap = "tab10" if num_experts <= 10 else ("tab20" if num_experts <= 20 else "viridis")
+    fig, ax = _new_axes(ax, figsize=(max(6.4, min(16.0, num_pairs / 8)), 3.6))
+    extent = dict(aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest")
+    image = ax.imshow(before[None, :], extent=(-0.5, num_pairs - 0.5, 1.6, 2.4), **extent)
+    ax.imshow(after[None, :], extent=(-0.5, num_pairs - 0.5, -0.4, 0.4), **extent)
+    if num_pairs <= max_lines:
+        from matplotlib.collections import LineCollection
+
+        segments = [((p, 1.6), (j, 0.4)) for j, p in enumerate(perm)]
+        ax.add_collection(LineCollection(segments, colors="0.4", linewidths=0.6, alpha=0.7))
+    ax.vlines(offsets - 0.5, -0.55, 0.55, colors="red", linewidth=1.5)
+    ax.set_xlim(-0.5, num_pairs - 0.5)
+    ax.set_ylim(-0.7, 2.6)
+    ax.set_yticks([0, 2], ["after: sorted_expert_ids", "before: top_k_index.flatten()"])
+    ax.set_xlabel("pair position (before: token*k + slot; after: sorted position)")
+    fig.colorbar(image, ax=ax, label="expert id", ticks=range(num_experts) if num_experts <= 20 else None)
+    ax.set_ylabel("order of the (token, expert) pairs")
+    ax.set_title(f"Sort by expert: {_title(c)}\nred lines: offsets, where each expert's group of rows ends",
+                 fontsize="medium")
+    return fig
+
+
+def _estimates(source, num_tokens, dtype, backends) -> list[MemoryEstimate]:
+    from .inspect import Call, Trace
+
+    if isinstance(source, MemoryEstimate):
+        return [source]
+    if isinstance(source, (Trace, Call)):
+        calls = [source] if isinstance(source, Call) else source.calls
+        seen, out = set(), []
+        for c in calls:
+            estimate = c.memory_estimate()
+            if estimate is not None and c.backend not in seen:
+                seen.add(c.backend)
+                out.append(estimate)
+        if not out:
+            raise ValueError("no call of this trace has a memory model (backends with one: "
+                             f"{list(BACKENDS)})")
+        return out
+    if isinstance(source, (list, tuple)) and source and all(isinstance(e, MemoryEstimate) for e in source):
+        return list(source)
+    if hasattr(source, "num_experts"):
+        if num_tokens is None:
+            raise ValueError("plot_memory(config, ...) needs num_tokens")
+        return [analytic(source, num_tokens, b, dtype) for b in backends]
+    raise TypeError("plot_memory takes a MoEConfig (with num_tokens), a MemoryEstimate, a list of them, "
+                    f"a Trace or a Call; got {type(source).__name__}")
+
+
+def plot_memory(source, num_tokens: int | None = None, dtype=torch.float32, *, backends: Sequence[str] = BACKENDS,
+                axes=None):
+    """Analytic live memory after each step, one panel per backend (each with its own scale): bars = bytes live at
+    the end of the step, dots = the highest inside it, dashed line = the call's peak."""
+    estimates = _estimates(source, num_tokens, dtype, backends)
+    if axes is None:
+        fig = _figure(figsize=(4.2 * len(estimates), 3.8))
+        axes = fig.subplots(1, len(estimates), squeeze=False)[0]
+    else:
+        axes = np.atleast_1d(axes)
+        fig = axes[0].figure
+    for ax, est in zip(axes, estimates):
+        labels = [s.step if s.step != "expert" else s.detail.split(",")[0].replace("expert_id=", "expert ")
+                  for s in est.steps]
+        x = np.arange(len(labels))
+        live = np.array([s.live_bytes for s in est.steps]) / _MIB
+        peak = np.array([s.peak_bytes for s in est.steps]) / _MIB
+        ax.bar(x, live, color="tab:blue", label="live at end of step")
+        ax.plot(x, peak, "o", color="tab:orange", markersize=4, label="highest inside step")
+        ax.axhline(est.peak_bytes / _MIB, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"peak {format_bytes(est.peak_bytes)}")
+        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize="small")
+        ax.set_ylabel("live memory (MiB)")
+        ax.set_xlabel("step")
+        s = est.sizes
+        path = "" if est.path == "plain" else f" ({est.path} path)"
+        ax.set_title(f"{est.backend}, T={s['T']}{path}", fontsize="medium")
+        ax.legend(fontsize="x-small", loc="upper left")
+    return fig
+
+
+def plot_duplication(config, token_counts: Sequence[int] | None = None, dtype=torch.float32, *,
+                     measured: dict[int, int] | None = None, ax=None):
+    """batched_mm's duplication factor vs tokens: bytes of the per-pair weight copies over the layer's own expert
+    weights (= T*k/E), on log axes; `measured`: {T: duplicated bytes} from traces, drawn as points."""
+    if token_counts is None:
+        token_counts = [2 ** i for i in range(0, 13)]
+    token_counts = sorted(int(t) for t in token_counts)
+    estimates = [analytic(config, t, "batched_mm", dtype) for t in token_counts]
+    factors = np.array([e.duplication_factor for e in estimates])
+    fig, ax = _new_axes(ax)
+    ax.plot(token_counts, factors, "-o", color="tab:blue", markersize=3, label="analytic: T*k/E")
+    ax.axhline(1.0, color="0.5", linestyle=":", label="copies = the layer's expert weights")
+    if measured:
+        weight_bytes = estimates[0].weight_bytes
+        ts = sorted(measured)
+        ax.plot(ts, [measured[t] / weight_bytes for t in ts], "s", color="tab:red", label="recorded in traces")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("tokens T (count)")
+    ax.set_ylabel("duplicated weight bytes / expert weight bytes (x)")
+    weight = estimates[0].weight_bytes
+    secondary = ax.secondary_yaxis("right", functions=(lambda f: f * weight / _MIB, lambda m: m * _MIB / weight))
+    secondary.set_ylabel("duplicated weights (MiB)")
+    ax.set_title(f"batched_mm duplication: E={config.num_experts}, k={config.top_k}, "
+                 f"weights {format_bytes(weight)}", fontsize="medium")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _backend_view(c, ax) -> None:
+    if c.find("sort"):
+        plot_permutation(c, ax=ax)
+    elif c.find("gather_weights"):
+        step = _step(c, "gather_weights", "")
+        copies = step.tensors["gate_up_weights"].nbytes + step.tensors["down_weights"].nbytes
+        own = step.tensors["gate_up_proj"].nbytes + step.tensors["down_proj"].nbytes
+        ax.bar([0, 1], [own / _MIB, copies / _MIB], color=["tab:gray", "tab:red"])
+        ax.set_xticks([0, 1], ["expert weights\n(gate_up_proj + down_proj)", "per-pair copies\n(gathered)"])
+        ax.set_ylabel("bytes (MiB)")
+        ax.set_title(f"batched_mm duplicates {copies / own:.3g}x the expert weights", fontsize="medium")
+    elif c.find("expert_mask"):
+        mask = _numpy(_step(c, "expert_mask", "").tensors["expert_mask"]).sum(axis=1)  # [E, T]
+        image = ax.imshow(mask, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0)
+        ax.figure.colorbar(image, ax=ax, label="slots routed (count)")
+        ax.set_xlabel("token (position)")
+        ax.set_ylabel("expert (id)")
+        ax.set_title("eager: the expert mask (summed over the k slots)", fontsize="medium")
+    else:
+        ax.text(0.5, 0.5, f"no picture for backend {c.backend!r}", ha="center", va="center")
+        ax.set_axis_off()
+
+
+def plot_trace(trace, call: int = 0):
+    """Four panels for one call: routing heatmap, tokens per expert, the backend's own view (grouped_mm: the
+    permutation; batched_mm: the duplicated weights; eager: the expert mask), memory per step."""
+    c = _call(trace, call)
+    fig = _figure(figsize=(13, 9))
+    axes = fig.subplots(2, 2)
+    if c.find("route"):
+        plot_routing(c, ax=axes[0, 0])
+        plot_tokens_per_expert(c, ax=axes[0, 1])
+    else:
+        for ax in axes[0]:
+            ax.text(0.5, 0.5, "no route step: inspect the SparseMoE\nor the model, not Experts alone",
+                    ha="center", va="center")
+            ax.set_axis_off()
+    _backend_view(c, axes[1, 0])
+    estimate = c.memory_estimate()
+    if estimate is not None:
+        plot_memory(estimate, axes=[axes[1, 1]])
+    else:
+        axes[1, 1].text(0.5, 0.5, f"no memory model for backend {c.backend!r}", ha="center", va="center")
+        axes[1, 1].set_axis_off()
+    fig.suptitle(f"call {c.index}: {_title(c)}")
+    return fig

@@ -1,0 +1,132 @@
+"""The `auto` backend: registered like the others, picks by a crossover table, shows its choice in a trace."""
+
+import pytest
+import torch
+
+import moelab
+from conftest import make_moe
+from moelab.backends import auto
+from moelab.backends.auto import CrossoverTable, use_crossovers
+from moelab.steps import add_recorder, remove_recorder
+
+FIRST_STEP = {"eager": "expert_mask", "batched_mm": "repeat", "grouped_mm": "sort"}
+
+
+def traced_steps(moe, x):
+    steps = []
+
+    def recorder(name, explanation, tensors, derived):
+        steps.append((name, dict(tensors)))
+    add_recorder(recorder)
+    try:
+        out = moe(x)
+    finally:
+        remove_recorder(recorder)
+    return out, steps
+
+
+def test_auto_is_registered_and_computes_the_same_layer():
+    assert "auto" in moelab.ExpertsInterface.names()
+    moe = make_moe(16, 32, 6, 2, backend="auto")
+    x = torch.randn(11, 16)
+    expected = moe(x)
+    moe.set_experts_implementation("eager")
+    torch.testing.assert_close(moe(x), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens, chosen", [(1, "eager"), (2, "eager"), (3, "batched_mm"), (8, "batched_mm"),
+                                            (9, "grouped_mm"), (40, "grouped_mm")])
+def test_auto_picks_by_the_given_table_and_the_trace_shows_it(tokens, chosen):
+    table = CrossoverTable({"cpu/*/eager": [[4, "eager"], [16, "batched_mm"], [None, "grouped_mm"]]})
+    moe = make_moe(16, 32, 6, 2, backend="auto")  # k = 2: S = 2 * tokens
+    with use_crossovers(table):
+        out, steps = traced_steps(moe, torch.randn(tokens, 16))
+    names = [name for name, _ in steps]
+    auto_step = steps[names.index("auto")][1]
+    assert auto_step["chosen"] == chosen and auto_step["pairs"] == 2 * tokens
+    assert "cpu/*/eager" in auto_step["reason"]
+    assert names[names.index("auto") + 1] == FIRST_STEP[chosen]  # then the chosen backend's own steps
+    assert out.shape == (tokens, 16)
+
+
+def test_dtype_specific_rules_win_over_wildcards():
+    table = CrossoverTable({"cpu/bfloat16/eager": [[None, "batched_mm"]], "cpu/*/eager": [[None, "eager"]],
+                            "*/*/compiled": [[None, "grouped_mm"]]})
+    assert table.choose(64, torch.bfloat16, "cpu")[0] == "batched_mm"
+    assert table.choose(64, torch.float32, "cpu")[0] == "eager"
+    assert table.choose(64, torch.float32, "cpu", compiled=True)[0] == "grouped_mm"
+    with pytest.raises(KeyError, match="no crossover rule"):
+        CrossoverTable({"cuda/*/eager": [[None, "eager"]]}).choose(1, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("rules, message", [
+    ({"cpu/*/eager": [[4, "eager"]]}, "last segment"),
+    ({"cpu/*/eager": [[8, "eager"], [4, "batched_mm"], [None, "grouped_mm"]]}, "increasing"),
+    ({"cpu/*/eager": [[None, "mine"]]}, "chooses among"),
+    ({"cpu/*/compiled": [[None, "eager"]]}, "cannot be captured"),
+    ({"cpu/eager": [[None, "eager"]]}, "device/dtype/mode"),
+])
+def test_bad_tables_are_refused(rules, message):
+    with pytest.raises(ValueError, match=message):
+        CrossoverTable(rules)
+
+
+def test_compiled_auto_never_takes_eager_and_captures_fullgraph():
+    torch._dynamo.reset()
+    assert all(b != "eager" for _, b in auto.DEFAULT_CROSSOVERS.rules["cpu/*/compiled"])
+    moe = make_moe(32, 64, 8, 2, backend="auto")
+    x = torch.randn(10, 32)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), moe(x), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_defaults_without_calibration_and_a_stored_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
+    try:
+        assert auto.reload_crossovers().source == "default"
+        assert auto.choose(4096, torch.float32, "cpu", compiled=False, num_experts=8)[0] == "grouped_mm"
+        assert auto.choose(2, torch.float32, "cpu", compiled=False, num_experts=64)[0] == "eager"
+        assert auto.choose(2, torch.float32, "cpu", compiled=True, num_experts=64)[0] == "batched_mm"
+        from moelab import bench
+        table = bench.calibrate(tokens=(1, 8), num_experts=(4,), top_k=(2,), hidden_size=16, intermediate_size=32,
+                                dtypes=("float32",), min_run_time=0.01, progress=False)
+        path = auto.calibration_path()
+        assert path.exists() and path.parent == tmp_path and auto.machine_key() in path.name
+        assert auto.crossovers().source == "calibrated" and "cpu/float32/eager" in table.rules
+        assert CrossoverTable.load(path).rules == table.rules
+        moe = make_moe(16, 32, 4, 2, backend="auto")
+        _, steps = traced_steps(moe, torch.randn(3, 16))
+        assert "calibrated" in dict(steps)["auto"]["reason"]
+    finally:
+        monkeypatch.delenv("MOELAB_CACHE_DIR")
+        auto.set_crossovers(None)
+
+
+def test_set_crossovers_overrides_and_resets():
+    table = CrossoverTable({"*/*/*": [[None, "batched_mm"]]})
+    auto.set_crossovers(table)
+    try:
+        assert auto.choose(10, torch.float32, "cpu", compiled=False)[0] == "batched_mm"
+    finally:
+        auto.set_crossovers(None)
+    assert auto.crossovers() is not table
+    with pytest.raises(ValueError, match="CrossoverTable"):
+        auto.set_crossovers({"cpu/*/eager": []})
+
+
+def test_pairs_per_expert_unit_scales_with_num_experts():
+    table = CrossoverTable({"cpu/*/eager": [[0.5, "eager"], [2, "batched_mm"], [None, "grouped_mm"]]},
+                           unit="pairs_per_expert")
+    assert table.choose(16, torch.float32, "cpu", num_experts=64)[0] == "eager"  # S/E = 0.25
+    assert table.choose(16, torch.float32, "cpu", num_experts=8)[0] == "batched_mm"  # S/E = 2
+    assert table.choose(16, torch.float32, "cpu", num_experts=4)[0] == "grouped_mm"  # S/E = 4
+    with pytest.raises(ValueError, match="pass num_experts"):
+        table.choose(16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="unit must be one of"):
+        CrossoverTable({"cpu/*/eager": [[None, "eager"]]}, unit="tokens")
+    moe = make_moe(16, 32, 8, 2, backend="auto")
+    with use_crossovers(table):
+        _, steps = traced_steps(moe, torch.randn(8, 16))  # S = 16 over 8 experts
+    step = dict(steps)["auto"]
+    assert step["chosen"] == "batched_mm" and step["pairs"] == 16 and "S/E=16/8" in step["reason"]

@@ -1,0 +1,264 @@
+"""moelab.bench on tiny shapes: one row per grid point, consistent values, the memory guard, plots, CLI, files.
+
+No timing thresholds here: the figures themselves are for BENCHMARKS.md, produced by benchmarks/run_benchmarks.py.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import moelab
+import moelab.cli
+from moelab import bench
+from moelab.bench import guard
+
+TINY = dict(tokens=[1, (2, 4)], num_experts=[4], top_k=[2, 8], hidden_size=[16], intermediate_size=[32],
+            dtypes=["float32", "bfloat16"], min_run_time=0.01, progress=False)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return bench.sweep(**TINY)
+
+
+def test_one_row_per_grid_point_skipped_ones_included(table):
+    # 2 token shapes x 1 E x 2 k x 2 dtypes x 4 backends; k=8 > E=4 is invalid and recorded, not dropped
+    assert len(table) == 2 * 2 * 2 * len(bench.DEFAULT_BACKENDS)
+    assert list(table.columns) == bench.COLUMNS
+    skipped = table[table.top_k == 8]
+    assert (skipped.status == "skipped").all() and skipped.reason.str.contains("top_k = 8 > num_experts").all()
+    assert skipped.median_ms.isna().all() and skipped.gflops.isna().all()
+    ok = table[table.top_k == 2]
+    assert (ok.status == "ok").all()
+    assert set(ok.num_tokens) == {1, 8} and set(ok[ok.num_tokens == 8].batch_size) == {2}
+    assert (ok.pairs == ok.num_tokens * ok.top_k).all()
+
+
+def test_values_are_consistent(table):
+    ok = table[table.status == "ok"]
+    flops = 6 * ok.num_tokens * ok.top_k * ok.hidden_size * ok.intermediate_size
+    np.testing.assert_allclose(ok.useful_gflop, flops / 1e9)
+    np.testing.assert_allclose(ok.gflops, ok.useful_gflop / (ok.median_ms / 1e3), rtol=1e-9)
+    np.testing.assert_allclose(ok.frac_dense, ok.dense_median_ms / ok.median_ms, rtol=1e-9)
+    assert (ok.runs >= 1).all() and (ok.iqr_ms >= 0).all()
+    assert ((ok.q1_ms <= ok.median_ms) & (ok.median_ms <= ok.q3_ms)).all()
+    assert (ok.peak_extra_bytes > 0).all() and (ok.estimate_bytes > 0).all()
+    assert (ok.max_abs_diff_to_eager <= np.where(ok.dtype == "float32", 1e-5, 3e-2)).all()
+    assert set(ok[ok.backend == "auto"].chosen) <= {"eager", "batched_mm", "grouped_mm"}
+    env = table.attrs["environment"]
+    for key in ("torch_version", "device", "num_threads", "cpu_capability", "clock", "budget_bytes"):
+        assert key in env
+    assert env["num_threads"] == 1 and env["clock"] == "process"
+
+
+def test_memory_guard_skips_and_runs_nothing():
+    calls = []
+
+    def spy(experts, hidden_states, top_k_index, top_k_weights):
+        calls.append(hidden_states.shape)
+        return moelab.ExpertsInterface.get("eager")(experts, hidden_states, top_k_index, top_k_weights)
+    moelab.ExpertsInterface.register("spy", spy)
+    try:
+        t = bench.sweep(["spy", "grouped_mm"], tokens=[4], num_experts=[4], top_k=[2], hidden_size=[16],
+                        intermediate_size=[32], dtypes=["float32"], memory_budget=1000, progress=False)
+    finally:
+        moelab.ExpertsInterface.unregister("spy")
+    assert calls == []  # nothing ran, not even the warm-up
+    assert len(t) == 2 and (t.status == "skipped").all()
+    assert t.reason.str.contains("memory guard").all() and t.reason.str.contains("> budget 1000 B").all()
+    assert t.median_ms.isna().all() and t.dense_median_ms.isna().all()
+    assert (t.estimate_bytes > 1000).all()
+
+
+def test_guard_skips_batched_mm_where_its_weight_copies_do_not_fit():
+    cfg = moelab.MoEConfig(hidden_size=64, intermediate_size=64, num_experts=4, top_k=2)
+    T = 16
+    batched = guard.estimate(cfg, T, "batched_mm", torch.float32)
+    grouped = guard.estimate(cfg, T, "grouped_mm", torch.float32)
+    assert batched.total_bytes - grouped.total_bytes >= T * 2 * 3 * 64 * 64 * 4 * 0.9  # T*k*3*I*H elements
+    budget = (batched.total_bytes + grouped.total_bytes) // 2
+    t = bench.sweep(["batched_mm", "grouped_mm", "eager"], tokens=[T], num_experts=[4], top_k=[2],
+                    hidden_size=[64], intermediate_size=[64], dtypes=["float32"], memory_budget=budget,
+                    min_run_time=0.01, progress=False, transformers=_has_transformers())
+    by = t.set_index(["library", "backend"]).status
+    assert by[("moelab", "batched_mm")] == "skipped" and by[("moelab", "grouped_mm")] == "ok"
+    if _has_transformers():  # the guard covers transformers' side too
+        assert by[("transformers", "batched_mm")] == "skipped" and by[("transformers", "grouped_mm")] == "ok"
+
+
+@pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2 ** 30), ("512MB", 512 * 10 ** 6), ("0.5", 0.5),
+                                            ("1e6", 10 ** 6), ("2048", 2048)])
+def test_budget_parsing(text, expected):
+    assert guard.parse_bytes(text) == expected
+
+
+def test_budget_validation():
+    assert guard.resolve_budget(123) == 123
+    assert 0 < guard.resolve_budget(0.25) < guard.resolve_budget(None) <= guard.available_memory()
+    for bad in ("lots", -1, 1.5, True):
+        with pytest.raises(ValueError, match="budget"):
+            guard.resolve_budget(bad)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown experts_implementation 'fast'"):
+        bench.sweep(["fast"], progress=False)
+    with pytest.raises(ValueError, match="tokens must be ints >= 1"):
+        bench.sweep(tokens=[0], progress=False)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        bench.sweep(dtypes=["int8"], progress=False)
+    with pytest.raises(ValueError, match="num_threads"):
+        bench.sweep(num_threads=0, progress=False)
+
+
+def test_backward_and_wall_clock():
+    t = bench.sweep(["grouped_mm"], tokens=[3], num_experts=[4], top_k=[2], hidden_size=[16],
+                    intermediate_size=[32], dtypes=["float32"], backward=True, clock="wall", min_run_time=0.01,
+                    progress=False)
+    row = t.iloc[0]
+    assert row.status == "ok" and row["pass"] == "forward+backward" and row.clock == "wall"
+    assert math.isclose(row.useful_gflop, 3 * 6 * 3 * 2 * 16 * 32 / 1e9)
+    assert row.frac_dense == pytest.approx(row.dense_median_ms / row.median_ms)
+
+
+def test_compiled_variant_and_errors_are_rows():
+    t = bench.sweep(["batched_mm"], tokens=[2], num_experts=[4], top_k=[2], hidden_size=[16],
+                    intermediate_size=[32], dtypes=["float32"], compiled=[True], min_run_time=0.01,
+                    measure_memory=False, progress=False)
+    row = t.iloc[0]
+    assert row.status == "ok" and row.compiled and row.fullgraph and row.compile_mode == "default"
+    assert row.max_abs_diff_to_eager < 1e-5
+
+    def broken(experts, hidden_states, top_k_index, top_k_weights):
+        raise RuntimeError("this backend cannot run here")
+    moelab.ExpertsInterface.register("broken", broken)
+    try:
+        t = bench.sweep(["broken"], tokens=[2], num_experts=[4], top_k=[2], hidden_size=[16],
+                        intermediate_size=[32], dtypes=["float32"], min_run_time=0.01, progress=False)
+    finally:
+        moelab.ExpertsInterface.unregister("broken")
+    assert t.iloc[0].status == "error" and "cannot run here" in t.iloc[0].reason
+
+
+def test_save_and_load_round_trip(table, tmp_path):
+    paths = bench.save(table, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["environment"]["torch_version"] == torch.__version__ and len(data["rows"]) == len(table)
+    for path in paths.values():
+        back = bench.load(path)
+        assert len(back) == len(table) and back.attrs["environment"]["torch_version"] == torch.__version__
+        np.testing.assert_allclose(back.median_ms.astype(float), table.median_ms.astype(float), rtol=1e-9)
+        assert list(back.status) == list(table.status)
+
+
+def test_summary_pivots_one_line_per_configuration(table):
+    s = bench.summary(table)
+    assert len(s) == 2 * 2 * 2 and "dense" in s.columns and "grouped_mm" in s.columns
+    assert (s[s.index.get_level_values("top_k") == 8]["eager"] == "skip").all()
+
+
+def test_plots_return_figures(table):
+    for fig in (bench.plot_time(table), bench.plot_memory(table, dtype="float32"),
+                bench.plot_speedup_map(table, "eager", "grouped_mm")):
+        assert isinstance(fig, Figure) and fig.axes
+    with pytest.raises(ValueError, match="variant 'nope'"):
+        bench.plot_speedup_map(table, "nope", "grouped_mm")
+
+
+def test_crossover_points_are_found_between_the_right_tokens():
+    rows = []
+    for T, (ta, tb) in zip([1, 10, 100], [(1.0, 2.0), (2.0, 2.0 * 10 ** 0.5), (4.0, 3.0)]):
+        for backend, t in (("eager", ta), ("grouped_mm", tb)):
+            rows.append(dict(status="ok", library="moelab", backend=backend, compiled=False, dtype="float32",
+                             num_experts=8, top_k=2, hidden_size=16, intermediate_size=32, num_tokens=T,
+                             median_ms=t))
+    points = bench.crossover_points(pd.DataFrame(rows), "eager", "grouped_mm")
+    assert len(points) == 1
+    p = points.iloc[0]
+    assert p["between"] == (10, 100) and p.faster_after == "grouped_mm" and 10 < p.num_tokens_at < 100
+    assert p.pairs_at == pytest.approx(2 * p.num_tokens_at)
+
+
+def test_crossovers_from_a_sweep_follow_the_fastest_backend():
+    rows = []
+    times = {2: {"eager": 1.0, "batched_mm": 0.5, "grouped_mm": 0.9},
+             32: {"eager": 1.0, "batched_mm": 2.0, "grouped_mm": 1.2},
+             512: {"eager": 3.0, "batched_mm": 50.0, "grouped_mm": 2.0}}
+    for S, by_backend in times.items():
+        for backend, t in by_backend.items():
+            rows.append(dict(status="ok", library="moelab", backend=backend, compiled=False, dtype="float32",
+                             device="cpu", num_experts=8, top_k=2, hidden_size=16, intermediate_size=32,
+                             num_tokens=S // 2, pairs=S, median_ms=t))
+    table = bench.crossovers_from_sweep(pd.DataFrame(rows))
+    assert table.rules["cpu/float32/eager"] == [[8, "batched_mm"], [128, "eager"], [None, "grouped_mm"]]
+    assert table.choose(100, torch.float32, "cpu") == ("eager", table.choose(100, torch.float32, "cpu")[1])
+    assert table.source == "calibrated" and table.unit == "pairs"  # one E: both units fit alike, pairs wins ties
+    assert "cpu/*/compiled" in table.rules  # defaults kept for what was not measured
+
+
+def _has_transformers():
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _has_transformers(), reason="transformers not installed (pip install -e .[hf])")
+def test_transformers_side_by_side_on_identical_weights():
+    t = bench.sweep(["eager", "batched_mm", "grouped_mm", "auto"], tokens=[5], num_experts=[4], top_k=[2],
+                    hidden_size=[16], intermediate_size=[32], dtypes=["float32"], transformers=True,
+                    min_run_time=0.01, measure_memory=False, progress=False)
+    hf = t[t.library == "transformers"]
+    assert sorted(hf.backend) == ["batched_mm", "eager", "grouped_mm"]  # transformers has no "auto"
+    assert (hf.status == "ok").all() and (hf.max_abs_diff_to_eager < 1e-5).all()
+    assert "grouped_mm/hf" in bench.summary(t).columns
+
+
+def test_missing_transformers_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    code = moelab.cli.main(["bench", "--tokens", "1", "--experts", "4", "--top-k", "2", "--hidden", "16",
+                            "--intermediate", "32", "--dtype", "float32", "--compare-transformers", "--quiet"])
+    assert code == 2 and "pip install -e .[hf]" in capsys.readouterr().err
+
+
+def test_cli_prints_a_table_and_writes_its_files(tmp_path):
+    out = tmp_path / "bench"
+    args = [sys.executable, "-m", "moelab", "bench", "--tokens", "1,2x3", "--experts", "4", "--top-k", "2",
+            "--hidden", "16", "--intermediate", "32", "--dtype", "float32", "--min-run-time", "0.01", "--quiet",
+            "--out", str(out)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "median time per call" in result.stdout and "grouped_mm" in result.stdout
+    for name in ("sweep.csv", "sweep.json", "time_float32.png", "memory_float32.png",
+                 "speedup_grouped_mm_over_eager_float32.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(pd.read_csv(out / "sweep.csv")) == 2 * len(bench.DEFAULT_BACKENDS)
+
+
+def test_cli_rejects_bad_lists():
+    result = subprocess.run([sys.executable, "-m", "moelab", "bench", "--tokens", "1,x", "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--tokens takes comma-separated" in result.stderr
+
+
+def test_analysis_helpers(table):
+    from moelab.bench import analysis
+
+    r = analysis.auto_vs_best(table)
+    assert len(r) == 2 * 2 and set(r.chosen) <= {"eager", "batched_mm", "grouped_mm"}
+    np.testing.assert_allclose(r.ratio, r.auto_ms / r.best_ms)
+    f = analysis.fastest(table)
+    assert len(f) == 4 and all(row.fastest in row.tied_with_fastest for row in f.itertuples())
+    d = analysis.dense_fractions(table, min_pairs=0)
+    assert len(d) == 4 and {"eager", "grouped_mm"} <= set(d.columns)
+    assert analysis.dense_fractions(table, min_pairs=10 ** 9).empty
+    same = analysis.ratio_table(table, "grouped_mm", "grouped_mm")
+    assert (same.ratio == 1).all() and (same.verdict == "faster").all()

@@ -1,0 +1,207 @@
+"""Memory: the analytic model's bytes against the traced tensors and the measured peaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moelab
+from moelab import memory
+
+BACKENDS = list(memory.BACKENDS)
+# the issue's shape: T=256, E=8, k=2, H=256, I=512, float32
+BIG = moelab.MoEConfig(hidden_size=256, intermediate_size=512, num_experts=8, top_k=2)
+
+
+def measured_peak(config, num_tokens, backend, dtype=torch.float32, seed=0):
+    moe = moelab.SparseMoE(config, backend, dtype=dtype, seed=seed)
+    x = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    with torch.no_grad():
+        moe(x)  # warm-up: lazy initialisations are not the call's memory
+        result = memory.measure(lambda: moe(x))
+    return result, moe, x
+
+
+# ---------------------------------------------------------------------------------------------- formulas
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_formula_evaluates_to_its_bytes(backend, dtype):
+    cfg = moelab.MoEConfig(hidden_size=48, intermediate_size=80, num_experts=6, top_k=3,
+                           shared_expert_intermediate_size=32, top_k_weights_float32=True)
+    estimate = memory.analytic(cfg, 20, backend, dtype)
+    assert isinstance(estimate.peak_bytes, int) and estimate.peak_bytes > 0
+    assert estimate.peak_bytes == max(s.peak_bytes for s in estimate.steps)
+    symbols = dict(estimate.sizes)
+    assert symbols == {"T": 20, "k": 3, "E": 6, "H": 48, "I": 80, "b": dtype.itemsize, "Is": 32,
+                       **({"w": 4} if dtype != torch.float32 else {})}
+    for inter in estimate.intermediates:
+        assert set(inter.formula) <= set("TkEHIbwsn*0123456789 "), inter.formula
+        assert eval(inter.formula, {}, {**symbols, "n": inter.n}) == inter.nbytes, inter
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_duplication_bytes_and_factor(dtype):
+    T, cfg = 37, BIG
+    estimate = memory.analytic(cfg, T, "batched_mm", dtype)
+    itemsize = dtype.itemsize
+    assert estimate.duplicated_bytes == T * 2 * 3 * 512 * 256 * itemsize
+    assert estimate.weight_bytes == 8 * 3 * 512 * 256 * itemsize
+    assert estimate.duplication_factor == pytest.approx(T * 2 / 8)
+    gathered = [i for i in estimate.intermediates if i.step == "gather_weights"]
+    assert sum(i.nbytes for i in gathered) == estimate.duplicated_bytes
+    assert memory.analytic(cfg, T, "grouped_mm", dtype).duplicated_bytes == 0
+
+
+def test_grouped_mm_has_no_weight_sized_intermediate():
+    estimate = memory.analytic(BIG, 512, "grouped_mm")
+    for inter in estimate.intermediates:  # activations only: no term is a product of I and H
+        assert not ("I" in inter.formula and "H" in inter.formula), inter
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_analytic_bytes_equal_the_bytes_the_trace_recorded(backend, dtype):
+    cfg = moelab.MoEConfig(hidden_size=32, intermediate_size=64, num_experts=4, top_k=2)
+    moe = moelab.SparseMoE(cfg, backend, dtype=dtype, seed=0)
+    with moelab.inspect(moe) as trace, torch.no_grad():
+        moe(torch.randn(10, 32).to(dtype))
+    estimate = trace.calls[0].memory_estimate()
+    steps = trace.calls[0].steps
+    assert [s.step for s in estimate.steps] == [s.name for s in steps]  # the model walks the same steps
+    for inter in estimate.intermediates:
+        if inter.recorded_in is None:
+            continue
+        index = inter.step_index if inter.recorded_in == inter.step else \
+            next(s.index for s in steps if s.name == inter.recorded_in and s.index > inter.step_index)
+        assert steps[index].tensors[inter.name].nbytes == inter.nbytes, (inter.step, inter.name)
+    table = trace.memory
+    assert table.recorded_bytes.tolist() == table.analytic_bytes.tolist()
+
+
+def test_gathered_weights_analytic_bytes_equal_the_traced_tensors():
+    T = 24
+    moe = moelab.SparseMoE(BIG, "batched_mm", seed=0)
+    with moelab.inspect(moe) as trace, torch.no_grad():
+        moe(torch.randn(T, 256))
+    step = trace["gather_weights"]
+    analytic = memory.analytic(BIG, T, "batched_mm")
+    assert analytic.step_bytes("gather_weights") == step["gate_up_weights"].nbytes + step["down_weights"].nbytes
+    assert analytic.step_bytes("gather_weights") == T * 2 * 3 * 512 * 256 * 4
+
+
+def test_analytic_validates_its_arguments():
+    with pytest.raises(ValueError, match=r"no memory model for experts backend 'mine'.*'eager'"):
+        memory.analytic(BIG, 4, "mine")
+    with pytest.raises(ValueError, match="num_tokens"):
+        memory.analytic(BIG, -1, "eager")
+    with pytest.raises(ValueError, match=r"tokens_per_expert must be 8 counts"):
+        memory.analytic(BIG, 4, "eager", tokens_per_expert=[1] * 7 + [0])  # sums to 7, not T*k = 8
+    with pytest.raises(ValueError, match="config must be a moelab.MoEConfig"):
+        memory.analytic(object(), 4, "eager")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        memory.analytic(BIG, 4, "eager", "float33")
+    assert memory.analytic(BIG, 4, "eager", "bfloat16").dtype == torch.bfloat16
+    auto = memory.analytic(BIG, 4, "auto")  # modelled as the backend `auto` picks for T*k pairs
+    from moelab.backends.auto import choose
+    assert auto.requested_backend == "auto" and auto.backend == choose(8, torch.float32, "cpu", compiled=False, num_experts=BIG.num_experts)[0]
+    assert memory.peak_bytes(BIG, 64, "grouped_mm") == memory.analytic(BIG, 64, "grouped_mm").peak_bytes
+    assert type(memory.peak_bytes(BIG, 64, "grouped_mm")) is int
+    assert memory.analytic(BIG, 0, "grouped_mm").peak_bytes == 2 * 8 * 8 + 8 * 4  # only the E-sized offsets
+
+
+def test_estimate_tables_and_display():
+    estimate = memory.analytic(BIG, 32, "eager", tokens_per_expert=[8, 0, 8, 8, 8, 8, 8, 16])
+    steps = estimate.to_frame("step")
+    assert steps.step.tolist() == ["route", "expert_mask"] + ["expert"] * 7 + ["reduce"]
+    assert estimate.to_frame("tensor").nbytes.sum() == sum(i.nbytes for i in estimate.intermediates)
+    assert "analytic peak" in repr(estimate) and "expert_id=7, n=16" in str(estimate)
+    assert "<table" in estimate._repr_html_()
+    assert memory.format_bytes(1536) == "1.5 KiB" and memory.format_bytes(12) == "12 B"
+
+
+# ---------------------------------------------------------------------------------------------- measured
+
+
+def test_measure_counts_only_the_extra_memory():
+    before = torch.ones(8 * 2 ** 20)  # allocated before: not counted
+
+    def work():
+        tmp = torch.ones(16 * 2 ** 20)  # 64 MiB, freed inside
+        keep = torch.zeros(2 ** 20)  # 4 MiB, returned
+        del tmp
+        return keep
+
+    result = memory.measure(work)
+    assert result.peak_bytes == 68 * 2 ** 20
+    assert result.retained_bytes == 4 * 2 ** 20 and result.result.nbytes == 4 * 2 ** 20
+    assert result.device == "cpu" and result.timeline[-1][1] == result.retained_bytes
+    assert memory.measure(lambda: before.mul_(2)).peak_bytes < 64  # in place: at most a wrapped scalar
+    with pytest.raises(ValueError, match="cpu"):
+        memory.measure(lambda: None, device="meta")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_analytic_and_measured_peaks_agree_within_25_percent(backend):
+    measured, _, _ = measured_peak(BIG, 256, backend)
+    analytic = memory.analytic(BIG, 256, backend)  # balanced routing for eager
+    assert analytic.workspace_bytes == 0 and analytic.extra_peak_bytes == analytic.peak_bytes  # no workspace here
+    assert measured.peak_bytes == pytest.approx(analytic.peak_bytes, rel=0.25), (measured, analytic)
+
+
+def test_grouped_mm_paths_are_modelled():
+    """Inspected calls take the plain path; uninspected CPU inference the lean one, with the workspace when big."""
+    from moelab.backends import workspace
+
+    plain = memory.analytic(BIG, 512, "grouped_mm", inspected=True)
+    lean = memory.analytic(BIG, 512, "grouped_mm")
+    assert (plain.path, lean.path) == ("plain", "lean + workspace")
+    assert memory.analytic(BIG, 512, "grouped_mm", device="cuda").path == "plain"
+    assert lean.workspace_bytes == 512 * 2 * (256 + 2 * 512 + 256) * 4  # rows, gate_up, unsorted buffers
+    assert lean.extra_peak_bytes < lean.peak_bytes < plain.peak_bytes
+    measured, _, _ = measured_peak(BIG, 512, "grouped_mm")  # warmed up: the workspace exists before the call
+    assert measured.peak_bytes == pytest.approx(lean.extra_peak_bytes, rel=0.25)
+    with workspace.use_workspace(False):
+        no_workspace = memory.analytic(BIG, 512, "grouped_mm")
+        measured, _, _ = measured_peak(BIG, 512, "grouped_mm")
+    assert no_workspace.path == "lean" and no_workspace.workspace_bytes == 0
+    assert measured.peak_bytes == pytest.approx(no_workspace.peak_bytes, rel=0.25)
+
+
+def test_eager_with_the_real_routing_is_exact_enough():
+    measured, moe, x = measured_peak(BIG, 256, "eager")
+    with torch.no_grad():
+        counts = torch.bincount(moe.router(x).top_k_index.flatten(), minlength=8)
+    analytic = memory.analytic(BIG, 256, "eager", tokens_per_expert=counts)
+    assert measured.peak_bytes == pytest.approx(analytic.peak_bytes, rel=0.02)
+
+
+def test_batched_mm_memory_grows_with_tokens_grouped_mm_stays_with_activations():
+    peaks = {}
+    for backend in ("batched_mm", "grouped_mm"):
+        for tokens in (128, 512):
+            peaks[backend, tokens] = measured_peak(BIG, tokens, backend)[0].peak_bytes
+    ratio = peaks["batched_mm", 512] / peaks["batched_mm", 128]
+    assert ratio == pytest.approx(4.0, rel=0.05)
+    assert peaks["batched_mm", 512] > 2 ** 30  # 1.5 GiB of duplicated weights at T=512
+    weight_bytes = memory.analytic(BIG, 512, "grouped_mm").weight_bytes
+    for tokens in (128, 512):
+        estimate = memory.analytic(BIG, tokens, "grouped_mm")  # activations only (workspace included)
+        assert peaks["grouped_mm", tokens] <= 1.25 * estimate.peak_bytes
+        assert peaks["grouped_mm", tokens] == pytest.approx(estimate.extra_peak_bytes, rel=0.25)
+        assert peaks["grouped_mm", tokens] < peaks["batched_mm", tokens] / 50
+    assert peaks["grouped_mm", 128] < weight_bytes  # less than one copy of the experts' weights
+
+
+def test_compare_table():
+    cfg = moelab.MoEConfig(hidden_size=64, intermediate_size=96, num_experts=4, top_k=2)
+    table = memory.compare(cfg, 32)
+    assert table.backend.tolist() == BACKENDS
+    assert ((table.measured_over_analytic - 1).abs() < 0.25).all(), table
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measure_on_cuda():
+    result = memory.measure(lambda: torch.empty(2 ** 20, device="cuda"), device="cuda")
+    assert result.peak_bytes >= 4 * 2 ** 20 and result.method == "torch.cuda.max_memory_allocated"
