@@ -17,8 +17,23 @@ def _check_int(name: str, value, low: int, high: int | None = None, high_name: s
         raise ValueError(f"{name} must be in [{low}, {upper}], got {value}")
 
 
+class DictConfig:
+    """`to_dict` / `from_dict` for the config dataclasses (JSON in `save_pretrained`); unknown keys are refused."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid fields are {sorted(known)}")
+        return cls(**d)
+
+
 @dataclass
-class MoEConfig:
+class MoEConfig(DictConfig):
     """The config of one MoE layer.
 
     hidden_size: H, the width of a token.
@@ -58,14 +73,3 @@ class MoEConfig:
         if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) \
                 or not self.initializer_range > 0:
             raise ValueError(f"initializer_range must be a float > 0, got {self.initializer_range!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MoEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MoEConfig fields {sorted(unknown)}; valid fields are {sorted(known)}")
-        return cls(**d)

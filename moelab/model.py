@@ -12,7 +12,6 @@ Dimension letters used in the shape comments:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from . import generation as _generation
 from . import io as _io
-from .config import MoEConfig, _check_int
+from .config import DictConfig, MoEConfig, _check_int
 from .moe import SparseMoE
 from .selection import apply_selection, resolve_selection
 
@@ -60,7 +59,7 @@ def _check_heads(hidden_size: int, num_attention_heads: int, rotary: bool) -> No
 
 
 @dataclass
-class MoEModelConfig:
+class MoEModelConfig(DictConfig):
     """The config of `MoEForCausalLM`; the defaults make a ~0.5M-parameter model that is fast on CPU.
 
     vocab_size: V, token ids are in [0, vocab_size).
@@ -95,16 +94,6 @@ class MoEModelConfig:
         _check_float("initializer_range", self.initializer_range)
         self.moe = _moe_config(self.moe, self.hidden_size, "moe", num_experts=8)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MoEModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid fields are {sorted(known)}")
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------- layers

@@ -13,21 +13,20 @@ P = (Hi / p) * (Wi / p) patches, Dv vision width.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .config import MoEConfig, _check_int
+from .config import DictConfig, MoEConfig, _check_int
 from .model import (CausalLMOutput, KVCache, MoEBlock, MoEDecoder, MoEModelConfig, MoEPreTrainedModel, RMSNorm,
                     _check_float, _check_heads, _moe_config, causal_lm_loss, check_input_ids, init_weights)
 from .moe import SparseMoE
 
 
 @dataclass
-class MoEVisionConfig:
+class MoEVisionConfig(DictConfig):
     """The vision backbone: square images of `image_size` cut into `patch_size` patches.
 
     moe: the MoEConfig of each vision layer (hidden_size must equal hidden_size); None gives 4 experts, top_k 2.
@@ -61,16 +60,6 @@ class MoEVisionConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MoEVisionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid fields are {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
