@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import sys
 import time
@@ -33,6 +34,19 @@ MODES = (None, "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 TOKENS = (1, 256)
 SHAPE = dict(hidden_size=1024, intermediate_size=512, num_experts=8, top_k=2)
 TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-3}
+
+
+def _reset():
+    """torch._dynamo.reset(), retried: after a failed reduce-overhead compile, a cached backend can be garbage
+    collected while reset() iterates over them ("dictionary changed size during iteration")."""
+    for _ in range(3):
+        gc.collect()
+        try:
+            torch._dynamo.reset()
+            return
+        except RuntimeError:
+            continue
+    torch._dynamo.reset()
 
 
 def _backend(name):
@@ -68,7 +82,7 @@ def run(dtypes, modes, min_run_time: float):
                 row = {"backend": name, "dtype": dtype_name, "fullgraph": fullgraph, "mode": mode or "default"}
                 print(f"{name:22s} {dtype_name:9s} fullgraph={fullgraph!s:5s} mode={row['mode']:28s}", end=" ",
                       flush=True)
-                torch._dynamo.reset()
+                _reset()
                 torch._dynamo.utils.counters.clear()
                 started = time.perf_counter()
                 try:
@@ -97,7 +111,7 @@ def run(dtypes, modes, min_run_time: float):
                 print("yes" if row["compiles"] else "NO", f"{row['compile_s']:.1f}s", row.get("note", "")[:80],
                       flush=True)
                 rows.append(row)
-                torch._dynamo.reset()
+                _reset()
     return rows
 
 

@@ -130,3 +130,41 @@ def test_pairs_per_expert_unit_scales_with_num_experts():
         _, steps = traced_steps(moe, torch.randn(8, 16))  # S = 16 over 8 experts
     step = dict(steps)["auto"]
     assert step["chosen"] == "batched_mm" and step["pairs"] == 16 and "S/E=16/8" in step["reason"]
+
+
+def test_rules_per_number_of_experts_take_the_nearest():
+    table = CrossoverTable({"cpu/*/eager": [[None, "grouped_mm"]],
+                            "cpu/*/eager/E=8": [[None, "eager"]],
+                            "cpu/*/eager/E=64": [[None, "batched_mm"]]}, unit="pairs_per_expert")
+    assert table.choose(4, torch.float32, "cpu", num_experts=8)[0] == "eager"
+    assert table.choose(4, torch.float32, "cpu", num_experts=16)[0] == "eager"  # 16/8 = 2 < 64/16 = 4
+    assert table.choose(4, torch.float32, "cpu", num_experts=32)[0] == "batched_mm"
+    assert "E=64" in table.choose(4, torch.float32, "cpu", num_experts=256)[1]
+    with pytest.raises(ValueError, match="E=<n>"):
+        CrossoverTable({"cpu/*/eager/E=0": [[None, "eager"]]})
+
+
+def test_compiled_inference_runs_grouped_mm_as_one_opaque_op(monkeypatch):
+    from moelab.backends import workspace
+    monkeypatch.setattr(workspace, "MIN_BYTES", 0)  # the op is for buffers of MiBs; make the tiny test qualify
+    torch._dynamo.reset()
+    table = CrossoverTable({"*/*/*": [[None, "grouped_mm"]]})
+    moe = make_moe(32, 64, 8, 2, backend="auto")
+    x = torch.randn(12, 32)
+    with use_crossovers(table), torch.no_grad():
+        compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), moe(x), atol=1e-5, rtol=1e-5)
+        gm = torch._dynamo.explain(moe)(x)
+    assert gm.graph_count == 1 and gm.graph_break_count == 0
+    assert "moelab.grouped_mm_lean" in str(gm.graphs[0].code)
+    torch._dynamo.reset()
+
+
+def test_compiled_small_calls_keep_the_compiled_graph():
+    torch._dynamo.reset()
+    table = CrossoverTable({"*/*/*": [[None, "grouped_mm"]]})
+    moe = make_moe(32, 64, 8, 2, backend="auto")
+    with use_crossovers(table), torch.no_grad():
+        gm = torch._dynamo.explain(moe)(torch.randn(12, 32))  # a few KiB: below workspace.MIN_BYTES
+    assert gm.graph_break_count == 0 and "grouped_mm_lean" not in str(gm.graphs[0].code)
+    torch._dynamo.reset()

@@ -21,17 +21,20 @@ The choice is visible: each call emits a step `auto` (keys `chosen`, `pairs`, `r
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..activations import ACTIVATIONS
 from ..steps import record_step
+from . import workspace
+from .grouped_mm import grouped_mm_experts
 from .registry import ExpertsInterface
 
 CANDIDATES = ("eager", "batched_mm", "grouped_mm")
@@ -43,9 +46,10 @@ UNITS = ("pairs", "pairs_per_expert")
 class CrossoverTable:
     """Segments per key "device/dtype/mode" ("*" matches any device or dtype), plus where they came from.
 
-    rules: {"cpu/float32/eager": [[upper or None, backend], ...]}; unit: what `upper` counts, "pairs" (S) or
-    "pairs_per_expert" (S / num_experts); source: "default", "calibrated" or "user"; meta: free-form provenance
-    (machine, torch version, the sweep that measured it).
+    rules: {"cpu/float32/eager": [[upper or None, backend], ...]}; a key may end in "/E=<n>" for a layer with n
+    experts (then the rule measured at the nearest number of experts, on a log scale, applies; without one, the
+    key without "/E=" does). unit: what `upper` counts, "pairs" (S) or "pairs_per_expert" (S / num_experts);
+    source: "default", "calibrated" or "user"; meta: free-form provenance (machine, torch version, the sweep).
     """
 
     rules: dict[str, list[list]]
@@ -56,10 +60,16 @@ class CrossoverTable:
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise ValueError(f"unit must be one of {list(UNITS)}, got {self.unit!r}")
+        self._per_experts: dict[str, tuple[tuple[int, str], ...]] = {}
         for key, segments in self.rules.items():
             parts = key.split("/")
-            if len(parts) != 3 or parts[2] not in MODES + ("*",):
-                raise ValueError(f"crossover key must be 'device/dtype/mode' with mode in {MODES}, got {key!r}")
+            if len(parts) not in (3, 4) or parts[2] not in MODES + ("*",) or (
+                    len(parts) == 4 and not re.fullmatch(r"E=[1-9][0-9]*", parts[3])):
+                raise ValueError(f"crossover key must be 'device/dtype/mode' or 'device/dtype/mode/E=<n>' with mode "
+                                 f"in {MODES}, got {key!r}")
+            if len(parts) == 4:
+                base = "/".join(parts[:3])
+                self._per_experts[base] = tuple(sorted(self._per_experts.get(base, ()) + ((int(parts[3][2:]), key),)))
             if not segments or segments[-1][0] is not None:
                 raise ValueError(f"the last segment of {key!r} must be [None, backend] (it covers every larger S)")
             bounds = [s[0] for s in segments[:-1]]
@@ -72,10 +82,16 @@ class CrossoverTable:
             if parts[2] == "compiled" and any(b == "eager" for _, b in segments):
                 raise ValueError(f"{key!r}: eager cannot be captured by torch.compile(fullgraph=True)")
 
-    def lookup(self, device: str, dtype: str, mode: str) -> tuple[str, list[list]]:
-        """The most specific matching key and its segments (exact beats '*', device before dtype)."""
+    def lookup(self, device: str, dtype: str, mode: str, num_experts: int | None = None) -> tuple[str, list[list]]:
+        """The most specific matching key and its segments (exact beats '*', device before dtype; among keys
+        for several numbers of experts, the nearest to `num_experts`)."""
         for key in (f"{device}/{dtype}/{mode}", f"{device}/*/{mode}", f"*/{dtype}/{mode}", f"*/*/{mode}",
                     f"{device}/{dtype}/*", f"{device}/*/*", f"*/*/*"):
+            per_e = self._per_experts.get(key)
+            if per_e and num_experts:
+                # nearest on a log scale: the smallest ratio max(a/b, b/a)
+                _, nearest = min(per_e, key=lambda ek: max(ek[0] / num_experts, num_experts / ek[0]))
+                return nearest, self.rules[nearest]
             if key in self.rules:
                 return key, self.rules[key]
         raise KeyError(f"no crossover rule for {device}/{dtype}/{mode}")
@@ -86,7 +102,7 @@ class CrossoverTable:
         dtype_name = str(dtype).removeprefix("torch.")
         device_type = torch.device(device).type
         mode = "compiled" if compiled else "eager"
-        key, segments = self.lookup(device_type, dtype_name, mode)
+        key, segments = self.lookup(device_type, dtype_name, mode, num_experts)
         if self.unit == "pairs":
             x, what = pairs, f"S={pairs}"
         else:
@@ -104,7 +120,7 @@ class CrossoverTable:
         raise AssertionError("unreachable: the last segment is open")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"rules": self.rules, "unit": self.unit, "source": self.source, "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CrossoverTable":
@@ -122,15 +138,23 @@ class CrossoverTable:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-# CPU (measured, BENCHMARKS.md, 2-core AVX-512): grouped_mm, except with far fewer pairs than experts, where
-# eager's loop over the few hit experts beats grouped_mm's pass over every group; compiled batched_mm reads the
-# weights by index without copying them and wins up to a few pairs per expert. Other devices: the reference's
-# advice (batched_mm for decode-sized inputs), not measured here.
+# CPU (measured here: BENCHMARKS.md, 2 cores, AVX-512, one thread): grouped_mm, except with far fewer pairs than
+# experts, where eager's loop over the few hit experts beats grouped_mm's pass over every group; compiled,
+# batched_mm reads the weights by index without copying them and wins up to a few pairs per expert. The
+# crossovers also depend on E, so E=8 and E=64 have their own rules (others take the nearest). Other devices:
+# the reference page's advice (batched_mm for decode-sized inputs), not measured here.
 DEFAULT_CROSSOVERS = CrossoverTable(
     rules={
         "cpu/*/eager": [[0.07, "eager"], [None, "grouped_mm"]],
-        "cpu/float32/compiled": [[5.5, "batched_mm"], [None, "grouped_mm"]],
+        "cpu/float32/eager/E=8": [[0.35, "eager"], [None, "grouped_mm"]],
+        "cpu/float32/eager/E=64": [[0.088, "eager"], [None, "grouped_mm"]],
+        "cpu/bfloat16/eager/E=8": [[None, "grouped_mm"]],
+        "cpu/bfloat16/eager/E=64": [[0.044, "eager"], [None, "grouped_mm"]],
         "cpu/*/compiled": [[2.8, "batched_mm"], [None, "grouped_mm"]],
+        "cpu/float32/compiled/E=8": [[5.6, "batched_mm"], [None, "grouped_mm"]],
+        "cpu/float32/compiled/E=64": [[2.8, "batched_mm"], [None, "grouped_mm"]],
+        "cpu/bfloat16/compiled/E=8": [[2.8, "batched_mm"], [None, "grouped_mm"]],
+        "cpu/bfloat16/compiled/E=64": [[2.8, "batched_mm"], [None, "grouped_mm"]],
         "*/*/eager": [[1, "batched_mm"], [None, "grouped_mm"]],
         "*/*/compiled": [[1, "batched_mm"], [None, "grouped_mm"]],
     },
@@ -221,6 +245,34 @@ def choose(pairs: int, dtype, device="cpu", compiled: bool | None = None,
     return crossovers().choose(pairs, dtype, device, compiled, num_experts)
 
 
+class _ExpertsView:
+    """The three attributes grouped_mm reads, around plain tensors (inside the custom op below)."""
+
+    def __init__(self, gate_up_proj, down_proj, act_fn):
+        self.gate_up_proj, self.down_proj, self.act_fn = gate_up_proj, down_proj, act_fn
+
+
+@torch.library.custom_op("moelab::grouped_mm_lean", mutates_args=())
+def _grouped_mm_lean(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                     gate_up_proj: torch.Tensor, down_proj: torch.Tensor, hidden_act: str) -> torch.Tensor:
+    """grouped_mm's uncompiled CPU inference path, as one op a compiled graph calls (see `auto_experts`)."""
+    experts = _ExpertsView(gate_up_proj, down_proj, ACTIVATIONS[hidden_act])
+    with torch.no_grad():
+        return grouped_mm_experts(experts, hidden_states, top_k_index, top_k_weights)
+
+
+@_grouped_mm_lean.register_fake
+def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, hidden_act):
+    return torch.empty_like(hidden_states)
+
+
+def _activation_name(act_fn) -> str | None:
+    for name, fn in ACTIVATIONS.items():
+        if fn is act_fn:
+            return name
+    return None
+
+
 def auto_experts(experts, hidden_states, top_k_index, top_k_weights):
     """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H], by the backend `choose` names."""
     pairs = top_k_index.numel()  # S = T * k
@@ -228,4 +280,20 @@ def auto_experts(experts, hidden_states, top_k_index, top_k_weights):
     chosen, reason = choose(pairs, hidden_states.dtype, hidden_states.device, num_experts=num_experts)
     record_step("auto", f"auto picks {chosen} for S = {pairs} (token, expert) pairs over {num_experts} experts: "
                 f"{reason}.", chosen=chosen, pairs=pairs, reason=reason)
+    itemsize = hidden_states.element_size()
+    if chosen == "grouped_mm" and torch.compiler.is_compiling() and hidden_states.device.type == "cpu" \
+            and workspace.fits([pairs * experts.gate_up_proj.shape[1] * itemsize,
+                                pairs * experts.gate_up_proj.shape[2] * itemsize]):
+        # NOTE: compiled, grouped_mm's graph makes fresh [S, H] buffers on every call; on CPU, once they are
+        # several MiB, that costs a page fault per 4 KiB and the uncompiled lean path (in place, in a reused
+        # workspace) is faster (BENCHMARKS.md). So for inference at those sizes auto calls that path as one
+        # opaque op, which keeps fullgraph=True; below them the op's dispatch costs more than it saves. With
+        # autograd the compiled graph is used as is.
+        act = _activation_name(experts.act_fn)
+        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad
+                                                  or experts.gate_up_proj.requires_grad
+                                                  or experts.down_proj.requires_grad)
+        if act is not None and not needs_grad:
+            return torch.ops.moelab.grouped_mm_lean(hidden_states, top_k_index, top_k_weights,
+                                                    experts.gate_up_proj, experts.down_proj, act)
     return ExpertsInterface.get(chosen)(experts, hidden_states, top_k_index, top_k_weights)

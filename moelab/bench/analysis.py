@@ -23,7 +23,7 @@ def ratio_table(table: pd.DataFrame, numerator: str, denominator: str) -> pd.Dat
     t = _ok(table)
     a = t[t["variant"] == numerator].set_index(CONFIG)
     b = t[t["variant"] == denominator].set_index(CONFIG)
-    both = a.join(b, how="inner", lsuffix="_a", rsuffix="_b")
+    both = a.merge(b, how="inner", left_index=True, right_index=True, suffixes=("_a", "_b"))
     out = pd.DataFrame(index=both.index)
     out["ratio"] = both["median_ms_a"] / both["median_ms_b"]
     out["overlap"] = (both["q1_ms_a"] <= both["q3_ms_b"]) & (both["q1_ms_b"] <= both["q3_ms_a"])
@@ -32,21 +32,23 @@ def ratio_table(table: pd.DataFrame, numerator: str, denominator: str) -> pd.Dat
     return out.reset_index()
 
 
-def auto_vs_best(table: pd.DataFrame, compiled: bool = False) -> pd.DataFrame:
-    """Per configuration: auto's median over the fastest fixed moelab backend's (compiled ones when `compiled`),
-    which backend that was and which one auto chose."""
+def auto_vs_best(table: pd.DataFrame, compiled: bool = False, against: str = "same") -> pd.DataFrame:
+    """Per configuration: auto's median over the fastest fixed moelab backend's, which variant that was and which
+    backend auto chose. compiled: take auto's compiled rows; against: "same" (fixed backends compiled the same
+    way) or "all" (every fixed variant in the table, compiled or not)."""
     t = _ok(table)
-    t = t[(t["library"] == "moelab") & (t["compiled"].astype(bool) == compiled)]
+    t = t[t["library"] == "moelab"]
     rows = []
     for key, part in t.groupby(CONFIG):
-        auto = part[part["backend"] == "auto"]
-        fixed = part[part["backend"].isin(FIXED)]
+        mine = part["compiled"].astype(bool) == compiled
+        auto = part[mine & (part["backend"] == "auto")]
+        fixed = part[part["backend"].isin(FIXED) & (mine if against == "same" else True)]
         if auto.empty or fixed.empty:
             continue
         best = fixed.loc[fixed["median_ms"].idxmin()]
         a = auto.iloc[0]
         rows.append({**dict(zip(CONFIG, key)), "auto_ms": a["median_ms"], "chosen": a["chosen"],
-                     "best_fixed": best["backend"], "best_ms": best["median_ms"],
+                     "best_fixed": best["variant"], "best_ms": best["median_ms"],
                      "ratio": a["median_ms"] / best["median_ms"],
                      "overlap": bool(a["q1_ms"] <= best["q3_ms"] and best["q1_ms"] <= a["q3_ms"])})
     return pd.DataFrame(rows)

@@ -36,33 +36,63 @@ def _segments(choice_by_x: dict, unit: str) -> list[list]:
     return segments
 
 
-def _fit(ok: pd.DataFrame, unit: str, tolerance: float):
-    """(rules, scores, worst penalty of following them over the sweep) for one unit."""
-    rules, scores_meta, worst = {}, {}, 1.0
+def _fit_part(part: pd.DataFrame, candidates, tolerance: float):
+    """{x: choice}, {x: its worst slowdown}, {x: every candidate's worst slowdown} over the rows sharing x."""
     config_keys = ["num_tokens", "num_experts", "top_k", "hidden_size", "intermediate_size"]
+    choice_by_x, penalties, scores_by_x = {}, {}, {}
+    for x, at in part.groupby("x"):
+        times = at.pivot_table(index=config_keys, columns="backend", values="median_ms", aggfunc="first")
+        present = [c for c in candidates if c in times]
+        if times.empty or not present:
+            continue
+        best = times[present].min(axis=1)
+        scores = {b: (math.inf if b not in times or times[b].isna().any()  # skipped somewhere: not safe
+                      else float((times[b] / best).max())) for b in candidates}
+        top = min(scores.values())
+        if not math.isfinite(top):
+            continue
+        tied = [b for b in PREFERENCE if b in candidates and scores[b] <= top * (1 + tolerance)]
+        choice_by_x[x], penalties[x], scores_by_x[f"{x:g}"] = tied[0], scores[tied[0]], scores
+    return choice_by_x, penalties, scores_by_x
+
+
+def _compiled_grouped_is_lean(ok: pd.DataFrame) -> pd.DataFrame:
+    """Compiled on CPU, auto runs grouped_mm's uncompiled lean path (an opaque op in the graph): so the time that
+    counts for that choice is the uncompiled grouped_mm's, where the sweep has it."""
+    keys = ["device", "dtype", "num_tokens", "num_experts", "top_k", "hidden_size", "intermediate_size"]
+    plain = ok[(ok["backend"] == "grouped_mm") & ~ok["compiled"].astype(bool) & ok["device"].str.startswith("cpu")]
+    if plain.empty:
+        return ok
+    swapped = plain.assign(compiled=True)
+    compiled_configs = ok[ok["compiled"].astype(bool)][keys].drop_duplicates()
+    swapped = swapped.merge(compiled_configs, on=keys)
+    drop = ok["compiled"].astype(bool) & (ok["backend"] == "grouped_mm") & ok["device"].str.startswith("cpu")
+    keep_compiled = ok[drop].merge(swapped[keys], on=keys, how="left", indicator=True)
+    keep_compiled = keep_compiled[keep_compiled["_merge"] == "left_only"].drop(columns="_merge")
+    return pd.concat([ok[~drop], keep_compiled, swapped], ignore_index=True)
+
+
+def _fit(ok: pd.DataFrame, unit: str, tolerance: float):
+    """(rules, scores, worst penalty of the rules without /E=) for one unit: one rule per device/dtype/mode over
+    every num_experts measured, and one per num_experts ("/E=<n>")."""
+    rules, scores_meta, worst = {}, {}, 1.0
+    ok = _compiled_grouped_is_lean(ok)
     for (device, dtype, compiled), part in ok.groupby(["device", "dtype", "compiled"]):
         key = f"{torch.device(device).type}/{dtype}/{'compiled' if compiled else 'eager'}"
         candidates = [b for b in CANDIDATES if not (compiled and b == "eager")]
         part = part.assign(x=part["pairs"] if unit == "pairs" else part["pairs"] / part["num_experts"])
-        choice_by_x, penalties = {}, {}
-        for x, at in part.groupby("x"):
-            times = at.pivot_table(index=config_keys, columns="backend", values="median_ms", aggfunc="first")
-            present = [c for c in candidates if c in times]
-            if times.empty or not present:
-                continue
-            best = times[present].min(axis=1)
-            scores = {b: (math.inf if b not in times or times[b].isna().any()  # skipped somewhere: not safe
-                          else float((times[b] / best).max())) for b in candidates}
-            top = min(scores.values())
-            if not math.isfinite(top):
-                continue
-            tied = [b for b in PREFERENCE if b in candidates and scores[b] <= top * (1 + tolerance)]
-            choice_by_x[x] = tied[0]
-            penalties[x] = scores[tied[0]]
-            scores_meta.setdefault(key, {})[f"{x:g}"] = scores
-        if choice_by_x:
-            rules[key] = _segments(choice_by_x, unit)
-            worst = max(worst, max(penalties.values()))
+        choice_by_x, penalties, scores = _fit_part(part, candidates, tolerance)
+        if not choice_by_x:
+            continue
+        rules[key] = _segments(choice_by_x, unit)
+        scores_meta[key] = scores
+        worst = max(worst, max(penalties.values()))
+        if part["num_experts"].nunique() > 1:
+            for E, per_e in part.groupby("num_experts"):
+                choice_e, _, scores_e = _fit_part(per_e, candidates, tolerance)
+                if choice_e:
+                    rules[f"{key}/E={int(E)}"] = _segments(choice_e, unit)
+                    scores_meta[f"{key}/E={int(E)}"] = scores_e
     return rules, scores_meta, worst
 
 
@@ -70,8 +100,10 @@ def crossovers_from_sweep(table: pd.DataFrame, tolerance: float = 0.0, unit: str
     """The crossover table a sweep's moelab rows imply (see the module docstring).
 
     tolerance: a backend within `1 + tolerance` of the best score counts as tied (then PREFERENCE decides).
-    unit: "pairs", "pairs_per_expert", or "auto": the one whose choices lose least against the fastest backend
-    over the sweep (pairs on a tie). Keys the sweep does not cover keep the defaults.
+    unit: "pairs", "pairs_per_expert", or "auto": the one whose choices (without /E=) lose least against the
+    fastest backend over the sweep (pairs on a tie). With several num_experts in the sweep, each also gets its
+    own rule ("/E=<n>"), which `auto` applies to layers with the nearest number of experts. Keys the sweep does
+    not cover keep the defaults.
     """
     ok = table[(table["library"] == "moelab") & table["backend"].isin(CANDIDATES) & (table["status"] == "ok")]
     if ok.empty:
@@ -100,7 +132,7 @@ _DEFAULTS_IN = {
 
 def calibrate(tokens=(1, 4, 16, 64, 256, 1024, 2048), num_experts=(8, 64), top_k=(2, 8), hidden_size=1024,
               intermediate_size=512, dtypes=("float32", "bfloat16"), compiled=(False,), *, device="cpu",
-              num_threads: int = 1, min_run_time: float = 0.1, memory_budget=None, tolerance: float = 0.02,
+              num_threads: int = 1, min_run_time: float = 0.1, memory_budget=None, tolerance: float = 0.03,
               unit: str = "auto", save: bool = True, path=None, progress: bool = True) -> CrossoverTable:
     """Sweep eager / batched_mm / grouped_mm, derive the crossovers, and (save=True) store them for this machine
     so that `auto` uses them; `path` overrides where. Returns the `CrossoverTable`.

@@ -45,8 +45,12 @@ def _styles(variants):
     return {v: (cycle[i % 10], _MARKERS[i % len(_MARKERS)]) for i, v in enumerate(variants)}
 
 
-def crossover_points(table: pd.DataFrame, a: str = "eager", b: str = "grouped_mm", value: str = "median_ms"):
+def crossover_points(table: pd.DataFrame, a: str = "eager", b: str = "grouped_mm", value: str = "median_ms",
+                     min_gap: float = 0.0):
     """Where variant `b` overtakes `a` (or back) along num_tokens, per (dtype, num_experts, top_k, ...).
+
+    min_gap: only count a crossing where the two differ by more than this fraction on both sides of it (0.05
+    ignores near-ties, which on a noisy machine cross back and forth).
 
     Variants are named as in `moelab.bench.io.label` ("grouped_mm", "hf:eager", "batched_mm+compile").
     Columns: dtype, num_experts, top_k, hidden_size, intermediate_size, between (T_low, T_high),
@@ -66,6 +70,8 @@ def crossover_points(table: pd.DataFrame, a: str = "eager", b: str = "grouped_mm
         for i in range(len(r) - 1):
             if r[i] == 0 or np.sign(r[i]) == np.sign(r[i + 1]):
                 continue
+            if min(abs(r[i]), abs(r[i + 1])) <= math.log1p(min_gap):
+                continue
             frac = r[i] / (r[i] - r[i + 1])
             at = math.exp(math.log(tokens[i]) + frac * (math.log(tokens[i + 1]) - math.log(tokens[i])))
             out.append({**dict(zip(keys, key)), "between": (int(tokens[i]), int(tokens[i + 1])),
@@ -74,11 +80,12 @@ def crossover_points(table: pd.DataFrame, a: str = "eager", b: str = "grouped_mm
 
 
 def plot_time(table: pd.DataFrame, dtype=None, variants=None, dense: bool = True, annotate=True,
-              value: str = "median_ms") -> Figure:
+              value: str = "median_ms", min_gap: float = 0.05) -> Figure:
     """Median time vs tokens per variant, log-log, one panel per (dtype, num_experts) x top_k.
 
     Error bars: the interquartile range. annotate: True marks where the moelab backends overtake one another;
-    or a list of (a, b) variant pairs to mark instead.
+    or a list of (a, b) variant pairs to mark instead; crossings between near-ties (< min_gap apart on either
+    side) are not marked.
     """
     t = _prepare(table, dtype)
     variants = list(variants or dict.fromkeys(t["variant"]))
@@ -108,7 +115,7 @@ def plot_time(table: pd.DataFrame, dtype=None, variants=None, dense: bool = True
                 ax.plot(d["num_tokens"], d["dense_median_ms"], color="k", ls=":", lw=1.2, label="dense limit")
         marks = []
         for a, b in annotate or []:
-            for _, p in crossover_points(part, a, b, value).iterrows():
+            for _, p in crossover_points(part, a, b, value, min_gap).iterrows():
                 slower = a if p["faster_after"] == b else b
                 text = f"{p['faster_after']} overtakes {slower} at T~{p['num_tokens_at']:.3g}"
                 marks.append((p["num_tokens_at"], text))

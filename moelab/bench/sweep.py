@@ -111,21 +111,53 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-TOP_UP_LIMIT_S = 3.0  # stop adding blocks for min_runs once a measurement has spent this long
+TOP_UP_LIMIT_S = 3.0  # no more blocks for min_runs once a measurement has spent this long in timed calls
+BLOCK_S = 0.01  # a timed block repeats a fast call until it lasts about this long
+
+
+def _summary(block_times: list[float], number: int) -> dict:
+    times = np.asarray(block_times) * 1e3  # ms per call, one value per block
+    q1, q3 = np.percentile(times, [25, 75])
+    return {"median_ms": float(np.median(times)), "iqr_ms": float(q3 - q1), "q1_ms": float(q1), "q3_ms": float(q3),
+            "runs": int(len(block_times) * number)}
 
 
 def _measure_time(stmt_fn, *, num_threads: int, clock: str, min_run_time: float, min_runs: int = 5) -> dict:
-    """torch.utils.benchmark's blocked_autorange, topped up to `min_runs` blocks so the IQR means something
-    (but not beyond TOP_UP_LIMIT_S of timed calls: a multi-second call gets fewer, and says so in `runs`)."""
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": stmt_fn}, num_threads=num_threads, timer=timer_fn(clock))
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    block_times = list(m.times)  # seconds per call, one value per block of m.number_per_run calls
-    while len(block_times) < min_runs and sum(block_times) * m.number_per_run < TOP_UP_LIMIT_S:
-        block_times.extend(timer.timeit(m.number_per_run).times)
-    times = np.asarray(block_times) * 1e3
-    q1, q3 = np.percentile(times, [25, 75])
-    return {"median_ms": float(np.median(times)), "iqr_ms": float(q3 - q1), "q1_ms": float(q1), "q3_ms": float(q3),
-            "runs": int(len(block_times) * m.number_per_run)}
+    """One statement alone: torch.utils.benchmark's blocked_autorange, topped up to `min_runs` blocks."""
+    return _measure_interleaved([stmt_fn], num_threads=num_threads, clock=clock, min_run_time=min_run_time,
+                                min_runs=min_runs)[0]
+
+
+def _measure_interleaved(stmt_fns, *, num_threads: int, clock: str, min_run_time: float, min_runs: int) -> list:
+    """Time several statements block by block in turn (round robin, the order rotating each round).
+
+    NOTE: on a shared machine the speed drifts by several percent over minutes; timing the variants of one
+    configuration in alternating blocks puts the drift into every variant's IQR alike instead of into the
+    ratios between them. Each block is a `torch.utils.benchmark.Timer.timeit(number)`, with `number` sized
+    once so that a block lasts about BLOCK_S; each statement gets >= min_run_time of blocks and >= min_runs
+    blocks (the latter capped at TOP_UP_LIMIT_S of calls, so a multi-second call gets fewer; see `runs`).
+    """
+    timers, numbers, blocks = [], [], []
+    for fn in stmt_fns:
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=num_threads, timer=timer_fn(clock))
+        once = timer.timeit(1).median  # the caller has warmed it up; this sizes the block
+        timers.append(timer)
+        numbers.append(max(1, int(BLOCK_S / max(once, 1e-9))))
+        blocks.append([])
+
+    def wanted(i):
+        spent = sum(blocks[i]) * numbers[i]
+        return spent < min_run_time or (len(blocks[i]) < min_runs and spent < TOP_UP_LIMIT_S)
+    round_index = 0
+    while True:
+        todo = [i for i in range(len(timers)) if wanted(i)]
+        if not todo:
+            break
+        shift = round_index % len(todo)
+        for i in todo[shift:] + todo[:shift]:
+            blocks[i].extend(timers[i].timeit(numbers[i]).times)
+        round_index += 1
+    return [_summary(b, n) for b, n in zip(blocks, numbers)]
 
 
 def _dense_pair(num_pairs: int, hidden: int, inter: int, dtype, device, backward: bool, generator):
@@ -159,20 +191,18 @@ def _grouped_gemm_pair(experts, top_k_index, dtype, device, generator):
 
 
 def _call(library: str, backend: str, moe: SparseMoE, hf_module, compiled: bool, fullgraph: bool, mode):
-    """fn(hidden_states, top_k_index, top_k_weights) -> [T, H] for one measurement."""
+    """(fn(experts, hidden_states, top_k_index, top_k_weights) -> [T, H], experts) for one measurement."""
     if library == "moelab":
         experts, impl = moe.experts, ExpertsInterface.get(backend)
     else:
         from . import hf
 
         experts, impl = hf_module, hf.backend(backend)
-
-    def fn(x, i, w):
-        return impl(experts, x, i, w)
     if compiled:
-        torch._dynamo.reset()
-        fn = torch.compile(fn, fullgraph=fullgraph, mode=mode, dynamic=False)
-    return fn, experts
+        # NOTE: compile the backend function itself: each has its own code object, so the variants of one
+        # configuration do not share (and exhaust) one code object's recompilation budget.
+        impl = torch.compile(impl, fullgraph=fullgraph, mode=mode, dynamic=False)
+    return impl, experts
 
 
 def sweep(backends: Sequence[str] | None = None, tokens=DEFAULT_GRID["tokens"],
@@ -305,36 +335,60 @@ def _sweep_config(rows, bar, dtype, H, I, E, k, shapes, compiled, measurements, 
                 reference = ExpertsInterface.get("eager")(moe.experts, x, top_k_index, top_k_weights).float()
         shared = {"useful_gflop": useful_flops(T, k, H, I, backward) / 1e9}
         dense_est = guard.dense_estimate(config, T, dtype, backward)
-        if dense_limit and dense_est.total_bytes <= budget:
-            dense = _measure_time(_dense_pair(S, H, I, dtype, device, backward, generator),
-                                  num_threads=num_threads, clock=clock, min_run_time=min_run_time,
-                                  min_runs=min_runs)
-            shared["dense_median_ms"], shared["dense_iqr_ms"] = dense["median_ms"], dense["iqr_ms"]
-        if gemm_bound and not backward and dense_est.total_bytes <= budget:
-            with torch.no_grad():
-                bound = _measure_time(_grouped_gemm_pair(moe.experts, top_k_index, dtype, device, generator),
-                                      num_threads=num_threads, clock=clock, min_run_time=min_run_time,
-                                  min_runs=min_runs)
-            shared["grouped_gemm_median_ms"] = bound["median_ms"]
-        # NOTE: run each backend's two libraries back to back, and alternate which goes first from one token count
-        # to the next, so the machine's drift and one measurement's after-effects (a freed multi-GiB copy) do not
-        # always fall on the same side of a comparison. Rows keep the canonical order.
-        order = sorted(range(len(plans)), key=lambda i: (plans[i][0], plans[i][2],
-                                                         (plans[i][1] == "moelab") == bool(shape_index % 2)))
         results: dict[int, dict] = {}
-        for i in order:
-            comp, lib, name, est, reason = plans[i]
-            bar.set_postfix_str(f"{dtype_name} E={E} k={k} T={T} {lib}:{name}{'+compile' if comp else ''}")
+        prepared: dict[int, tuple] = {}
+        if any(comp for comp, *_ in plans):
+            torch._dynamo.reset()
+        for i, (comp, lib, name, est, reason) in enumerate(plans):
+            bar.set_postfix_str(f"{dtype_name} E={E} k={k} T={T} {lib}:{name}{'+compile' if comp else ''} (warm-up)")
             if reason:
                 results[i] = _row(base, lib, name, comp, b, s, status="skipped", reason=reason,
-                                  estimate_bytes=est.total_bytes, **shared)
+                                  estimate_bytes=est.total_bytes)
+                continue
+            got = _prepare_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, top_k_weights,
+                               reference, est, backward=backward, compile_mode=compile_mode)
+            if isinstance(got, dict):  # an error row
+                results[i] = got
             else:
-                results[i] = _measure_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, top_k_weights,
-                                          reference, est, shared, num_threads=num_threads, clock=clock,
-                                          min_run_time=min_run_time, min_runs=min_runs, backward=backward,
-                                          compile_mode=compile_mode, measure_memory=measure_memory)
-            bar.update()
+                prepared[i] = got
+        # every variant of this configuration, plus the dense limit and the bare grouped GEMMs, timed in turn
+        timed = {("plan", i): stmt for i, (stmt, _) in prepared.items()}
+        if prepared and dense_limit and dense_est.total_bytes <= budget:
+            timed["dense"] = _dense_pair(S, H, I, dtype, device, backward, generator)
+        if prepared and gemm_bound and not backward and dense_est.total_bytes <= budget:
+            timed["bound"] = _grouped_gemm_pair(moe.experts, top_k_index, dtype, device, generator)
+        bar.set_postfix_str(f"{dtype_name} E={E} k={k} T={T}: timing {len(timed)} variants in turn")
+        with torch.set_grad_enabled(backward):
+            for stmt in timed.values():
+                stmt()  # warm-up (the plans' were warmed up by _prepare_one)
+            timings = dict(zip(timed, _measure_interleaved(list(timed.values()), num_threads=num_threads,
+                                                           clock=clock, min_run_time=min_run_time,
+                                                           min_runs=min_runs)))
+        if "dense" in timings:
+            shared["dense_median_ms"], shared["dense_iqr_ms"] = (timings["dense"]["median_ms"],
+                                                                 timings["dense"]["iqr_ms"])
+        if "bound" in timings:
+            shared["grouped_gemm_median_ms"] = timings["bound"]["median_ms"]
+        for i, (stmt, extra) in prepared.items():
+            comp, lib, name, est, _ = plans[i]
+            timing = timings[("plan", i)]
+            if measure_memory:
+                release_workspace()  # so a reused workspace counts in the peak, as on a first call
+                try:
+                    with _native_stderr_silenced(), torch.set_grad_enabled(backward):
+                        extra["peak_extra_bytes"] = memory.measure(stmt, device=x.device).peak_bytes
+                except Exception as err:  # noqa: BLE001 - the timing stands; say why the memory is missing
+                    extra["reason"] = f"memory not measured: {type(err).__name__}: {err}"[:300]
+            gflops = shared["useful_gflop"] / (timing["median_ms"] / 1e3)
+            results[i] = _row(base, lib, name, comp, b, s, status="ok", gflops=gflops, **timing, **extra, **shared)
+        for i, row in results.items():
+            if row["status"] != "ok":
+                for key, value in shared.items():
+                    row[key] = value
         rows.extend(results[i] for i in range(len(plans)))
+        bar.update(len(plans))
+        if any(comp for comp, *_ in plans):
+            torch._dynamo.reset()
 
 
 def _row(base, library, backend, compiled, batch_size, seq_len, **values) -> dict:
@@ -350,18 +404,20 @@ def _row(base, library, backend, compiled, batch_size, seq_len, **values) -> dic
     return row
 
 
-def _measure_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, top_k_weights, reference, est, shared,
-                 *, num_threads, clock, min_run_time, min_runs, backward, compile_mode, measure_memory) -> dict:
+def _prepare_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, top_k_weights, reference, est, *,
+                 backward, compile_mode):
+    """(stmt, extra columns) ready to time, warmed up (and compiled); or the error row if it cannot run."""
     fullgraph = name != "eager"  # eager's data-dependent loop cannot be captured whole
-    extra = {"estimate_bytes": est.total_bytes, **shared}
+    extra = {"estimate_bytes": est.total_bytes}
     if comp:
         extra.update(compile_mode=compile_mode or "default", fullgraph=fullgraph)
     if name == "auto":
-        extra["chosen"] = auto_backend.choose(top_k_index.numel(), x.dtype, x.device, comp, moe.config.num_experts)[0]
+        extra["chosen"] = auto_backend.choose(top_k_index.numel(), x.dtype, x.device, comp,
+                                              moe.config.num_experts)[0]
     try:
         fn, experts = _call(lib, name, moe, hf_module, comp, fullgraph, compile_mode)
         with torch.no_grad():
-            out = fn(x, top_k_index, top_k_weights)  # warm-up (and compilation)
+            out = fn(experts, x, top_k_index, top_k_weights)  # warm-up (and compilation)
         if reference is not None:
             extra["max_abs_diff_to_eager"] = (out.float() - reference).abs().max().item() if out.numel() else 0.0
         del out
@@ -371,26 +427,13 @@ def _measure_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, to
             grad_out = torch.randn_like(x)
 
             def stmt():
-                return torch.autograd.grad(fn(x_leaf, top_k_index, top_k_weights), leaves, grad_out)
+                return torch.autograd.grad(fn(experts, x_leaf, top_k_index, top_k_weights), leaves, grad_out)
             stmt()
-            timing = _measure_time(stmt, num_threads=num_threads, clock=clock, min_run_time=min_run_time,
-                                  min_runs=min_runs)
         else:
             def stmt():
-                return fn(x, top_k_index, top_k_weights)
-            with torch.no_grad():
-                timing = _measure_time(stmt, num_threads=num_threads, clock=clock, min_run_time=min_run_time,
-                                  min_runs=min_runs)
-        if measure_memory:
-            release_workspace()  # so a reused workspace counts in the peak, as on a first call
-            with _native_stderr_silenced(), torch.set_grad_enabled(backward):
-                extra["peak_extra_bytes"] = memory.measure(stmt, device=x.device).peak_bytes
-        gflops = shared["useful_gflop"] / (timing["median_ms"] / 1e3)
-        return _row(base, lib, name, comp, b, s, status="ok", gflops=gflops, **timing, **extra)
+                return fn(experts, x, top_k_index, top_k_weights)
+        return stmt, extra
     except Exception as err:  # a backend that cannot run here is a result, not a crash
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return _row(base, lib, name, comp, b, s, status="error", reason=f"{type(err).__name__}: {message}"[:500],
                     **extra)
-    finally:
-        if comp:
-            torch._dynamo.reset()
