@@ -1,8 +1,7 @@
 """transformers' own experts backends on moelab's weights, for side-by-side timing (`--compare-transformers`).
 
-The adapter is deliberately small: an `OlmoeExperts` (transformers' model class with the `[E, 2I, H]` /
-`[E, H, I]` layout moelab uses) whose two parameters are copied 1:1 from a moelab `Experts`. The full model
-conversion lives elsewhere; this is only what a benchmark needs. transformers is imported lazily.
+The experts module comes from `moelab.hf`'s conversion (transformers' own class, sharing moelab's `[E, 2I, H]` /
+`[E, H, I]` parameters); this file only names transformers' backend functions. transformers is imported lazily.
 """
 
 from __future__ import annotations
@@ -28,30 +27,11 @@ def require_transformers():
 
 
 def transformers_experts(experts) -> torch.nn.Module:
-    """An `OlmoeExperts` with moelab `experts`' weights copied 1:1 (same dtype and device)."""
+    """transformers' experts module on moelab `experts`' own weights: `moelab.hf.transformers_experts`, shared 1:1."""
     require_transformers()
-    from transformers.models.olmoe.configuration_olmoe import OlmoeConfig
-    from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
+    from ..hf import transformers_experts as to_transformers_experts
 
-    act = {v: k for k, v in _activation_names().items()}.get(experts.act_fn)
-    if act is None:
-        raise ValueError(f"no transformers activation name for {experts.act_fn}")
-    config = OlmoeConfig(hidden_size=experts.hidden_size, intermediate_size=experts.intermediate_size,
-                         num_experts=experts.num_experts, num_experts_per_tok=1, hidden_act=act)
-    config._experts_implementation = "eager"
-    with torch.device("meta"):
-        module = OlmoeExperts(config)
-    module = module.to_empty(device=experts.gate_up_proj.device).to(experts.gate_up_proj.dtype)
-    with torch.no_grad():
-        module.gate_up_proj.copy_(experts.gate_up_proj)  # [E, 2I, H], gate rows first in both
-        module.down_proj.copy_(experts.down_proj)  # [E, H, I]
-    return module
-
-
-def _activation_names() -> dict:
-    from ..activations import ACTIVATIONS
-
-    return {"silu": ACTIVATIONS["silu"], "gelu": ACTIVATIONS["gelu"], "relu": ACTIVATIONS["relu"]}
+    return to_transformers_experts(experts, backend="eager")  # the backend itself is picked by `backend(name)`
 
 
 def backend(name: str):
