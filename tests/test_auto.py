@@ -158,6 +158,7 @@ def test_compiled_inference_runs_grouped_mm_as_one_opaque_op(monkeypatch):
     assert gm.graph_count == 1 and gm.graph_break_count == 0
     assert "moelab.grouped_mm_lean" in str(gm.graphs[0].code)
     torch._dynamo.reset()
+    workspace.release_workspace()
 
 
 def test_compiled_small_calls_keep_the_compiled_graph():

@@ -14,6 +14,7 @@ TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2
 
 @pytest.fixture(params=[False, True], ids=["heap", "workspace"])
 def force_workspace(request, monkeypatch):
+    workspace.release_workspace()  # an earlier test may have left buffers behind
     if request.param:
         monkeypatch.setattr(workspace, "MIN_BYTES", 0)  # tiny shapes take the workspace too
     yield request.param
@@ -65,6 +66,7 @@ def test_an_inspection_sees_the_plain_path_and_distinct_tensors():
 
 
 def test_workspace_release_and_switch(monkeypatch):
+    workspace.release_workspace()
     monkeypatch.setattr(workspace, "MIN_BYTES", 0)
     moe = make_moe(16, 32, 4, 2)
     x = torch.randn(5, 16)

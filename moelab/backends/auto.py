@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..activations import ACTIVATIONS
-from ..steps import record_step
+from ..steps import is_recording, record_step
 from . import workspace
 from .grouped_mm import grouped_mm_experts
 from .registry import ExpertsInterface
@@ -164,6 +164,7 @@ DEFAULT_CROSSOVERS = CrossoverTable(
 )
 
 _override: CrossoverTable | None = None
+_choices: dict = {}  # (id(table), pairs, dtype, device type, num_experts) -> (backend, reason)
 
 
 def machine_key() -> str:
@@ -207,6 +208,7 @@ def reload_crossovers() -> CrossoverTable:
     """Re-read this machine's stored calibration (after `moelab.bench.calibrate` wrote it)."""
     global _stored
     _stored = _read_stored()
+    _choices.clear()
     return _stored
 
 
@@ -216,6 +218,7 @@ def set_crossovers(table: CrossoverTable | None) -> None:
     if table is not None and not isinstance(table, CrossoverTable):
         raise ValueError(f"table must be a CrossoverTable or None, got {type(table).__name__}")
     _override = table
+    _choices.clear()
     if table is None:
         reload_crossovers()
 
@@ -227,10 +230,12 @@ def use_crossovers(table: CrossoverTable):
     if not isinstance(table, CrossoverTable):
         raise ValueError(f"table must be a CrossoverTable, got {type(table).__name__}")
     previous, _override = _override, table
+    _choices.clear()
     try:
         yield table
     finally:
         _override = previous
+        _choices.clear()
 
 
 _stored: CrossoverTable = _read_stored()
@@ -277,9 +282,21 @@ def auto_experts(experts, hidden_states, top_k_index, top_k_weights):
     """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H], by the backend `choose` names."""
     pairs = top_k_index.numel()  # S = T * k
     num_experts = experts.gate_up_proj.shape[0]
-    chosen, reason = choose(pairs, hidden_states.dtype, hidden_states.device, num_experts=num_experts)
-    record_step("auto", f"auto picks {chosen} for S = {pairs} (token, expert) pairs over {num_experts} experts: "
-                f"{reason}.", chosen=chosen, pairs=pairs, reason=reason)
+    if torch.compiler.is_compiling():
+        chosen, reason = choose(pairs, hidden_states.dtype, hidden_states.device, True, num_experts)
+    else:
+        # NOTE: a decode loop asks the same question every step; the answer is cached per table.
+        table = crossovers()
+        key = (id(table), pairs, hidden_states.dtype, hidden_states.device.type, num_experts)
+        hit = _choices.get(key)
+        if hit is None:
+            if len(_choices) > 4096:
+                _choices.clear()
+            hit = _choices[key] = table.choose(pairs, hidden_states.dtype, hidden_states.device, False, num_experts)
+        chosen, reason = hit
+    if is_recording():
+        record_step("auto", f"auto picks {chosen} for S = {pairs} (token, expert) pairs over {num_experts} "
+                    f"experts: {reason}.", chosen=chosen, pairs=pairs, reason=reason)
     itemsize = hidden_states.element_size()
     if chosen == "grouped_mm" and torch.compiler.is_compiling() and hidden_states.device.type == "cpu" \
             and workspace.fits([pairs * experts.gate_up_proj.shape[1] * itemsize,
