@@ -262,3 +262,29 @@ def test_analysis_helpers(table):
     assert analysis.dense_fractions(table, min_pairs=10 ** 9).empty
     same = analysis.ratio_table(table, "grouped_mm", "grouped_mm")
     assert (same.ratio == 1).all() and (same.verdict == "faster").all()
+
+
+def test_gemm_bound_columns_and_the_cached_variant():
+    from moelab.bench import analysis
+    from moelab.bench.sweep import _grouped_gemm_pair
+
+    t = bench.sweep(["grouped_mm"], tokens=[8], num_experts=[4], top_k=[2], hidden_size=[16], intermediate_size=[32],
+                    dtypes=["float32"], min_run_time=0.01, progress=False, measure_memory=False, gemm_bound=True)
+    row = t.iloc[0]
+    assert row.grouped_gemm_median_ms > 0 and row.grouped_gemm_cached_median_ms > 0
+    d = analysis.dense_fractions(t, min_pairs=0).iloc[0]
+    assert d.grouped_gemm_bound == pytest.approx(row.dense_median_ms / row.grouped_gemm_median_ms)
+    assert d.cached_gemm_bound == pytest.approx(row.dense_median_ms / row.grouped_gemm_cached_median_ms)
+    # the cached pair multiplies every group by expert 0's weights: check against plain matmuls
+    experts = moelab.SparseMoE(moelab.MoEConfig(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2),
+                               seed=0).experts
+    top_k_index = torch.tensor([[0, 3], [1, 2], [3, 1]])
+    streamed = _grouped_gemm_pair(experts, top_k_index, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    cached = _grouped_gemm_pair(experts, top_k_index, torch.float32, "cpu", torch.Generator().manual_seed(0),
+                                cached=True)
+    (up_s, _), (up_c, down_c) = streamed(), cached()
+    generator = torch.Generator().manual_seed(0)  # the same draws as inside the pair
+    x, a = torch.randn(6, 16, generator=generator), torch.randn(6, 32, generator=generator)
+    torch.testing.assert_close(up_c, x @ experts.gate_up_proj[0].T)
+    torch.testing.assert_close(down_c, a @ experts.down_proj[0].T)
+    assert not torch.allclose(up_s, up_c)  # the streamed pair really reads the other experts

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import make_moe
+from reference import reference_experts, reference_router
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -48,3 +49,15 @@ def test_inductor_really_compiles_grouped_mm():
     x = torch.randn(16, 32).to(torch.bfloat16)
     compiled = torch.compile(moe, fullgraph=True)  # inductor: generates and builds C++ for this machine
     torch.testing.assert_close(compiled(x), moe(x), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 8])
+def test_compiled_grouped_mm_sums_every_slot(top_k):
+    # under torch.compile grouped_mm sums the k slots with a chain of adds (sum_slots): check it against float64
+    moe = make_moe(32, 64, 8, top_k, backend="grouped_mm")
+    x = torch.randn(12, 32)
+    compiled = torch.compile(moe.experts, fullgraph=True, backend="aot_eager")
+    _, _, index, weights = reference_router(x, moe.router.weight, top_k)
+    expected = reference_experts(x, index, weights, moe.experts.gate_up_proj, moe.experts.down_proj)
+    out = compiled(x, index, weights.float())
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)

@@ -86,7 +86,7 @@ class CrossoverTable:
         """The most specific matching key and its segments (exact beats '*', device before dtype; among keys
         for several numbers of experts, the nearest to `num_experts`)."""
         for key in (f"{device}/{dtype}/{mode}", f"{device}/*/{mode}", f"*/{dtype}/{mode}", f"*/*/{mode}",
-                    f"{device}/{dtype}/*", f"{device}/*/*", f"*/*/*"):
+                    f"{device}/{dtype}/*", f"{device}/*/*", "*/*/*"):
             per_e = self._per_experts.get(key)
             if per_e and num_experts:
                 # nearest on a log scale: the smallest ratio max(a/b, b/a)

@@ -42,6 +42,20 @@ def inverse_permutation(perm):
     return inv.scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
+def sum_slots(per_token):
+    """per_token [T, k, H] -> [T, H]: each token's k weighted outputs summed."""
+    top_k = per_token.shape[1]
+    if top_k == 2 or (top_k > 2 and torch.compiler.is_compiling()):
+        # NOTE: slot by slot, not .sum(dim=1). Eager bf16: the strided reduction is several times slower than one
+        # add. Compiled: inductor fuses sum(dim=1) with the unsort gather into a kernel that walks the k rows
+        # innermost (16 ms instead of 0.4 ms at T=512, k=8, bf16); a chain of adds compiles to one fast pass.
+        final = per_token[:, 0] + per_token[:, 1]
+        for slot in range(2, top_k):
+            final = final + per_token[:, slot]
+        return final
+    return per_token.sum(dim=1)
+
+
 def lean_path(experts, hidden_states, top_k_weights) -> bool:
     """True when a call may reuse its intermediates: CPU, no autograd graph, no inspection, not compiling."""
     if torch.compiler.is_compiling() or is_recording() or hidden_states.device.type != "cpu":
@@ -113,11 +127,6 @@ def grouped_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
     record_step("unsort", "The inverse permutation puts every pair back in token order.",
                 inv_perm=inv_perm, unsorted=unsorted)
 
-    per_token = unsorted.view(num_tokens, top_k, hidden_size)  # [T, k, H]
-    if top_k == 2:
-        # NOTE: the same sum (one rounding of a + b) without the strided reduction, several times slower in bf16
-        final = torch.add(per_token[:, 0], per_token[:, 1])  # [T, H]
-    else:
-        final = per_token.sum(dim=1)  # [T, H]
+    final = sum_slots(unsorted.view(num_tokens, top_k, hidden_size))  # [T, H]
     record_step("reduce", "Sum each token's k weighted outputs.", output=final)
     return final

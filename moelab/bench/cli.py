@@ -70,7 +70,8 @@ def add_bench(sub) -> None:
     p.add_argument("--clock", choices=["auto", "wall", "process"], default="auto",
                    help="auto: this process's CPU time for one CPU thread (steady on a shared machine), else wall")
     p.add_argument("--no-memory", action="store_true", help="do not measure peak memory (faster)")
-    p.add_argument("--gemm-bound", action="store_true", help="also time the bare grouped GEMMs per configuration")
+    p.add_argument("--gemm-bound", action="store_true",
+                   help="also time the bare grouped GEMMs per configuration (weights streamed, and cached)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="moelab-bench", help="output folder (default ./moelab-bench)")

@@ -51,6 +51,7 @@ COLUMNS = [
     "dtype", "device", "num_threads", "clock",
     "median_ms", "iqr_ms", "q1_ms", "q3_ms", "runs",
     "useful_gflop", "gflops", "dense_median_ms", "dense_iqr_ms", "frac_dense", "grouped_gemm_median_ms",
+    "grouped_gemm_cached_median_ms",
     "peak_extra_bytes", "estimate_bytes", "budget_bytes", "max_abs_diff_to_eager",
 ]
 
@@ -177,8 +178,12 @@ def _dense_pair(num_pairs: int, hidden: int, inter: int, dtype, device, backward
     return step
 
 
-def _grouped_gemm_pair(experts, top_k_index, dtype, device, generator):
-    """The two bare grouped GEMMs of this routing on pre-sorted inputs: what no expert backend can undercut."""
+def _grouped_gemm_pair(experts, top_k_index, dtype, device, generator, cached: bool = False):
+    """The two bare grouped GEMMs of this routing on pre-sorted inputs: what no expert backend can undercut.
+
+    cached: every group multiplies by expert 0's weights (a stride-0 view), so the weights stay in cache: the
+    same FLOPs and group sizes without streaming E experts' weights from memory on every call.
+    """
     from ..backends.grouped_matmul import grouped_linear
     from ..backends.grouped_mm import expert_offsets, sort_by_expert
 
@@ -187,7 +192,10 @@ def _grouped_gemm_pair(experts, top_k_index, dtype, device, generator):
     S = top_k_index.numel()
     x = torch.randn(S, experts.hidden_size, generator=generator).to(dtype=dtype, device=device)
     a = torch.randn(S, experts.intermediate_size, generator=generator).to(dtype=dtype, device=device)
-    return lambda: (grouped_linear(x, experts.gate_up_proj, offsets), grouped_linear(a, experts.down_proj, offsets))
+    gate_up_proj, down_proj = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
+    if cached:
+        gate_up_proj, down_proj = gate_up_proj[:1].expand_as(gate_up_proj), down_proj[:1].expand_as(down_proj)
+    return lambda: (grouped_linear(x, gate_up_proj, offsets), grouped_linear(a, down_proj, offsets))
 
 
 def _call(library: str, backend: str, moe: SparseMoE, hf_module, compiled: bool, fullgraph: bool, mode):
@@ -224,7 +232,8 @@ def sweep(backends: Sequence[str] | None = None, tokens=DEFAULT_GRID["tokens"],
     memory_budget: bytes, a fraction of the available memory, or a string such as "8GiB"; default half the
     available memory: a measurement estimated above it is skipped and recorded with the reason.
     measure_memory: also measure each call's peak extra bytes (one profiled call). dense_limit: measure the
-    dense matmul pair; gemm_bound: also time the bare grouped GEMMs of the routing. clock: "auto" (CPU time of
+    dense matmul pair; gemm_bound: also time the bare grouped GEMMs of the routing, as they are and with every
+    group reading one expert's weights (kept in cache: what streaming E experts' weights costs). clock: "auto" (CPU time of
     this process for one CPU thread, else wall), "wall" or "process". compile_mode: torch.compile mode for the
     compiled variants (`fullgraph=True`, except eager, which cannot be captured whole).
     The table's `attrs["environment"]` records versions, device, threads, CPU capability and the clock.
@@ -357,6 +366,7 @@ def _sweep_config(rows, bar, dtype, H, I, E, k, shapes, compiled, measurements, 
             timed["dense"] = _dense_pair(S, H, I, dtype, device, backward, generator)
         if prepared and gemm_bound and not backward and dense_est.total_bytes <= budget:
             timed["bound"] = _grouped_gemm_pair(moe.experts, top_k_index, dtype, device, generator)
+            timed["cached"] = _grouped_gemm_pair(moe.experts, top_k_index, dtype, device, generator, cached=True)
         bar.set_postfix_str(f"{dtype_name} E={E} k={k} T={T}: timing {len(timed)} variants in turn")
         with torch.set_grad_enabled(backward):
             for stmt in timed.values():
@@ -369,6 +379,7 @@ def _sweep_config(rows, bar, dtype, H, I, E, k, shapes, compiled, measurements, 
                                                                  timings["dense"]["iqr_ms"])
         if "bound" in timings:
             shared["grouped_gemm_median_ms"] = timings["bound"]["median_ms"]
+            shared["grouped_gemm_cached_median_ms"] = timings["cached"]["median_ms"]
         for i, (stmt, extra) in prepared.items():
             comp, lib, name, est, _ = plans[i]
             timing = timings[("plan", i)]

@@ -1,0 +1,20 @@
+"""Memory of one MoE call: an analytic model per backend, and the measured peak.
+
+`analytic(config, num_tokens, backend, dtype)` lists every intermediate a backend's code makes, with its bytes
+as a formula of `(T, k, E, H, I, b)` (`b` = bytes per element of `dtype`), and walks them in program order to
+find the analytic peak. `measure(fn)` runs `fn()` and reports the peak of the *extra* memory it took. One concept
+a module: `records` (what `analytic` returns, `format_bytes`), `timeline` (the walk over allocations and frees),
+`formulas` (each backend's steps, and the liveness model in its docstring), `estimate` (`analytic`,
+`peak_bytes`), `measurement` (`measure`, `compare`).
+"""
+
+from .estimate import BACKENDS, analytic, peak_bytes
+from .measurement import MemoryMeasurement, compare, measure
+from .measurement import quiet_stderr as quiet_stderr
+from .records import Intermediate, MemoryEstimate, StepMemory, format_bytes
+
+# quiet_stderr stays out of __all__, as before the split: it is re-exported for moelab.widgets
+__all__ = [
+    "Intermediate", "StepMemory", "MemoryEstimate", "MemoryMeasurement", "BACKENDS",
+    "analytic", "peak_bytes", "measure", "compare", "format_bytes",
+]

@@ -1,0 +1,153 @@
+"""Memory accounting of a trace: the bytes each step really allocated, beside the analytic model's bytes.
+
+While recording, every tensor a step records is traced back to its storage; a storage first seen in a call (not
+a parameter, not one of the layer's inputs) counts as that step's `new_bytes`. Afterwards, a call's sizes
+(E, H, I, k, tokens, dtype, read from its module when it ran) feed `moelab.memory.analytic`, and `memory_frame`
+sets the model's steps beside the recorded ones, matched in order by name.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .memory import MemoryEstimate, analytic
+
+if TYPE_CHECKING:
+    from .trace_records import Call
+
+
+# ---------------------------------------------------------------------------------------------------- recorded
+
+
+def _storages(values: Iterable[torch.Tensor]):
+    for t in values:
+        if t.device.type == "meta" or isinstance(t, nn.Parameter):
+            continue
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            yield storage.data_ptr(), storage.nbytes(), t
+
+
+def _seed(seen: dict, args) -> None:
+    """Mark the layer's input tensors as already existing (they are not the call's new memory)."""
+    for ptr, _, t in _storages(a for a in args if isinstance(a, torch.Tensor)):
+        seen[ptr] = weakref.ref(t)
+
+
+def _new_storage_bytes(seen: dict, values: Iterable[torch.Tensor]) -> int:
+    total = 0
+    for ptr, nbytes, t in _storages(values):
+        ref = seen.get(ptr)
+        if ref is None or ref() is None:  # new, or the old owner died and the allocator reused its address
+            total += nbytes
+            seen[ptr] = weakref.ref(t)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------- analytic
+
+
+@dataclass(frozen=True)
+class _SizesConfig:
+    """The part of a MoEConfig the memory model reads, from a call's module."""
+
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    top_k: int
+    norm_topk_prob: bool = True
+    top_k_weights_float32: bool = False
+    shared_expert_intermediate_size: int = 0
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_sizes(cls, sizes: dict) -> _SizesConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in sizes.items() if k in known})
+
+
+def _sizes_of(module: nn.Module) -> dict | None:
+    config = getattr(module, "config", None)
+    experts = getattr(module, "experts", module)
+    try:
+        sizes = {"num_experts": int(experts.num_experts), "hidden_size": int(experts.hidden_size),
+                 "intermediate_size": int(experts.intermediate_size)}
+    except (AttributeError, TypeError):
+        return None
+    if config is not None:
+        for name in ("norm_topk_prob", "top_k_weights_float32", "shared_expert_intermediate_size", "hidden_act"):
+            if hasattr(config, name):
+                sizes[name] = getattr(config, name)
+    return sizes
+
+
+def call_estimate(call: Call) -> MemoryEstimate | None:
+    """The analytic memory model of `call` (None for a backend without one, or unknown sizes)."""
+    backend = call.backend
+    for step in call.find("auto"):  # `auto` says which backend it delegated to
+        backend = step.info.get("chosen", backend)
+    if (call.sizes is None or "top_k" not in call.sizes or call.num_tokens is None
+            or backend not in ("eager", "batched_mm", "grouped_mm")):
+        return None
+    counts = None
+    if backend == "eager":
+        counts = [0] * call.sizes["num_experts"]
+        for step in call.find("expert"):
+            counts[step.info["expert_id"]] = int(step.tensors["token_idx"].shape[0])
+    config = _SizesConfig.from_sizes(call.sizes)
+    try:
+        return analytic(config, call.num_tokens, backend, call.dtype, tokens_per_expert=counts,
+                        router=call.has_router, inspected=True)
+    except ValueError:
+        return None
+
+
+def memory_frame(calls: list[Call]):
+    """The table `Trace.memory` returns (its docstring has the columns)."""
+    import pandas as pd
+
+    rows, peaks = [], {}
+    for call in calls:
+        estimate = call.memory_estimate()
+        pairs: dict[int, int] = {}  # trace step index -> model step index, matched in order by name
+        recorded_at: dict[int, int] = {}
+        if estimate is not None:
+            names = [s.step for s in estimate.steps]
+            at = 0
+            for step in call.steps:  # steps the model does not know (e.g. `auto`) stay unmatched
+                if at < len(names) and step.name == names[at]:
+                    pairs[step.index] = at
+                    at += 1
+            if at == len(names):
+                peaks[call.index] = estimate.peak_bytes
+            else:
+                pairs = {}
+            for inter in estimate.intermediates if pairs else ():
+                if inter.recorded_in is None:
+                    continue
+                where = inter.step_index
+                if names[where] != inter.recorded_in:
+                    where = names.index(inter.recorded_in, where)
+                recorded_at[where] = recorded_at.get(where, 0) + inter.nbytes
+        for step in call.steps:
+            row = {"call": call.index, "layer": call.layer, "stage": call.stage, "decode_step": call.decode_step,
+                   "backend": call.backend, "index": step.index, "step": step.name,
+                   "recorded_bytes": step.new_bytes, "analytic_bytes": float("nan"),
+                   "analytic_new_bytes": float("nan"), "analytic_live_bytes": float("nan"),
+                   "analytic_peak_bytes": float("nan")}
+            if step.index in pairs:
+                sm = estimate.steps[pairs[step.index]]
+                row.update(analytic_bytes=recorded_at.get(sm.index, 0), analytic_new_bytes=sm.new_bytes,
+                           analytic_live_bytes=sm.live_bytes, analytic_peak_bytes=sm.peak_bytes)
+            rows.append(row)
+    frame = pd.DataFrame(rows, columns=["call", "layer", "stage", "decode_step", "backend", "index", "step",
+                                        "recorded_bytes", "analytic_bytes", "analytic_new_bytes",
+                                        "analytic_live_bytes", "analytic_peak_bytes"])
+    frame.attrs["analytic_peak_bytes"] = peaks
+    return frame

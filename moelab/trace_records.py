@@ -1,0 +1,119 @@
+"""The records a trace is made of: a `Call` per MoE layer call, holding the `Step`s its backend emitted.
+
+Plain data with lookups (`call["sort"]`, `step["perm"]`) and pandas views; how they print lives in
+`moelab.trace_render`, their memory model in `moelab.trace_memory`, and how they are filled in `moelab.inspect`
+(import them from there: `from moelab.inspect import Step, Call`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .memory import MemoryEstimate
+from .trace_memory import call_estimate
+from .trace_render import _describe, call_text, calls_html, step_html, step_text
+
+
+@dataclass(eq=False)
+class Step:
+    """One step a backend emitted.
+
+    name, explanation: as the backend gave them (one sentence for a learner); layer, stage, decode_step, backend:
+    of the call it belongs to; call, index: the call's position in the trace and the step's position in the call.
+    tensors: the tensors the step produced, the backend's own objects (meta-device stand-ins with the same shape and
+    dtype when the trace was made with `keep_tensors=False`); derived: the keys (in `tensors` or `info`) made only for
+    display (e.g. `tokens_per_expert` where the backend never computes it); info: non-tensor context (`expert_id`,
+    `path`).
+    new_bytes: bytes of storage first seen in this call at this step (parameters and the layer's inputs excluded).
+    """
+
+    name: str
+    explanation: str
+    layer: str
+    stage: str | None
+    decode_step: int | None
+    backend: str | None
+    call: int
+    index: int
+    tensors: dict[str, torch.Tensor]
+    derived: frozenset = frozenset()
+    info: dict[str, Any] = field(default_factory=dict)
+    new_bytes: int = 0
+
+    def __getitem__(self, key: str):
+        """A tensor (or context value) of this step by key."""
+        if key in self.tensors:
+            return self.tensors[key]
+        if key in self.info:
+            return self.info[key]
+        raise KeyError(f"step {self.name!r} has no {key!r}; it has {list(self.tensors) + list(self.info)}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors or key in self.info
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the step's tensors (derived views excluded; views of one storage counted per view)."""
+        return sum(t.nbytes for k, t in self.tensors.items() if k not in self.derived)
+
+    def to_frame(self):
+        """A pandas table: one row per tensor (and context value) with shape, dtype, bytes and `derived`."""
+        import pandas as pd
+
+        rows = []
+        for key, value in [*self.tensors.items(), *self.info.items()]:
+            shape, dtype, nbytes = _describe(value)
+            rows.append({"key": key, "shape": shape, "dtype": dtype, "bytes": nbytes, "derived": key in self.derived})
+        return pd.DataFrame(rows, columns=["key", "shape", "dtype", "bytes", "derived"])
+
+    def __repr__(self) -> str:
+        return step_text(self)
+
+    def _repr_html_(self) -> str:
+        return step_html(self)
+
+
+@dataclass(eq=False)
+class Call:
+    """One call of one MoE layer: its `layer` name (qualified name in the inspected module), the generation
+    `stage` ("prefill", "decode", or None for a plain forward) and `decode_step`, the experts `backend`, and its
+    `steps` in order. `num_tokens`, `dtype` and `sizes` (E, H, I, k) feed the analytic memory model."""
+
+    index: int
+    layer: str
+    stage: str | None
+    decode_step: int | None
+    backend: str | None
+    steps: list[Step] = field(default_factory=list)
+    num_tokens: int | None = None
+    dtype: torch.dtype | None = None
+    sizes: dict | None = None
+    has_router: bool = False
+
+    def __getitem__(self, name: str) -> Step:
+        """The one step called `name` in this call (KeyError if none; LookupError if several, e.g. eager's
+        `expert`: use `find`)."""
+        found = self.find(name)
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise KeyError(f"call {self.index} ({self.layer}) has no step {name!r}; its steps are "
+                           f"{[s.name for s in self.steps]}")
+        raise LookupError(f"call {self.index} ({self.layer}) has {len(found)} steps named {name!r} (positions "
+                          f"{[s.index for s in found]}); use call.find({name!r})")
+
+    def find(self, name: str) -> list[Step]:
+        return [s for s in self.steps if s.name == name]
+
+    def memory_estimate(self) -> MemoryEstimate | None:
+        """The analytic memory model of this call (None for a backend without one, or unknown sizes)."""
+        return call_estimate(self)
+
+    def __repr__(self) -> str:
+        return call_text(self)
+
+    def _repr_html_(self) -> str:
+        return calls_html([self])

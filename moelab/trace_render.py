@@ -1,0 +1,161 @@
+"""How a trace reads: the text of `repr(trace)`, `repr(call)` and `repr(step)`, and the HTML Jupyter shows.
+
+Plain functions of the records in `moelab.trace_records` (and of a `moelab.inspect.Trace`), so the records stay
+data and all the formatting sits in one place: one row per step (text), one row per tensor (HTML), bytes as
+`moelab.memory.format_bytes` prints them, keys made only for display marked "derived".
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+from .memory import format_bytes
+
+if TYPE_CHECKING:
+    from .inspect import Trace
+    from .trace_records import Call, Step
+
+
+def _describe(value) -> tuple[str, str, int | None]:
+    """(shape, dtype, bytes) of a tensor for display; ("", repr, None) for context values."""
+    if isinstance(value, torch.Tensor):
+        return str(list(value.shape)), str(value.dtype).removeprefix("torch."), value.nbytes
+    text = repr(value)
+    return "", text if len(text) <= 60 else text[:57] + "...", None
+
+
+def _stage_label(stage: str | None, decode_step: int | None) -> str:
+    if stage is None:
+        return "forward"
+    return f"decode {decode_step}" if stage == "decode" else stage
+
+
+def _table(header: list[str], rows: list[list[str]], right: Iterable[int] = ()) -> list[str]:
+    right = set(right)
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(header).rstrip(), *(line(r).rstrip() for r in rows)]
+
+
+_CSS = ("<style>.moelab-trace td,.moelab-trace th{text-align:left;vertical-align:top;padding:2px 8px}"
+        ".moelab-trace td.num{text-align:right;font-family:monospace}.moelab-trace .derived{color:#888}</style>")
+
+
+_DERIVED_CLASS = " class='derived'"
+
+
+def _tensor_list(step: Step, limit: int = 4) -> str:
+    parts = [f"{k}{list(t.shape)}" + ("*" if k in step.derived else "") for k, t in step.tensors.items()]
+    if len(parts) > limit:
+        parts = parts[:limit] + [f"+{len(parts) - limit} more"]
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- a step
+
+
+def step_rows(step: Step) -> list[list[str]]:
+    """[key, shape, dtype, bytes] per tensor and context value of `step`."""
+    rows = []
+    for key, value in [*step.tensors.items(), *step.info.items()]:
+        shape, dtype, nbytes = _describe(value)
+        rows.append([key + (" (derived)" if key in step.derived else ""), shape, dtype,
+                     "" if nbytes is None else format_bytes(nbytes)])
+    return rows
+
+
+def step_title(step: Step) -> str:
+    return (f"step {step.name!r} of call {step.call} (layer {step.layer}, "
+            f"{_stage_label(step.stage, step.decode_step)}, {step.backend})")
+
+
+def step_text(step: Step) -> str:
+    lines = [step_title(step), f"  {step.explanation}"]
+    lines += ["  " + line for line in _table(["key", "shape", "dtype", "bytes"], step_rows(step), right=[3])]
+    return "\n".join(lines)
+
+
+def step_html(step: Step) -> str:
+    body = "".join(
+        f"<tr{_DERIVED_CLASS if r[0].endswith('(derived)') else ''}><td><code>{html.escape(r[0])}</code></td>"
+        f"<td>{html.escape(r[1])}</td><td>{html.escape(r[2])}</td><td class='num'>{html.escape(r[3])}</td></tr>"
+        for r in step_rows(step))
+    return (f"{_CSS}<div class='moelab-trace'><b>{html.escape(step_title(step))}</b><br>"
+            f"<i>{html.escape(step.explanation)}</i><table><tr><th>key</th><th>shape</th><th>dtype</th>"
+            f"<th>bytes</th></tr>{body}</table></div>")
+
+
+# ---------------------------------------------------------------------------------------------------- calls, a trace
+
+
+def call_text(call: Call) -> str:
+    head = (f"call {call.index}: layer {call.layer}, {_stage_label(call.stage, call.decode_step)}, "
+            f"backend {call.backend}, {len(call.steps)} steps")
+    rows = [[str(s.index), s.name, _tensor_list(s), format_bytes(s.nbytes)] for s in call.steps]
+    return "\n".join([head] + ["  " + ln for ln in _table(["#", "step", "tensors", "bytes"], rows, right=[3])])
+
+
+def calls_html(calls: list[Call], max_steps: int = 200, summary: str = "") -> str:
+    """One table of the steps of `calls`, one row per tensor (the step's cells span its rows)."""
+    out = [_CSS, "<div class='moelab-trace'>"]
+    if summary:
+        out.append(f"<b>{html.escape(summary)}</b>")
+    out.append("<table><tr><th>call</th><th>layer</th><th>stage</th><th>backend</th><th>step</th>"
+               "<th>explanation</th><th>tensors</th><th>shape</th><th>dtype</th><th>bytes</th></tr>")
+    shown = 0
+    for call in calls:
+        for s in call.steps:
+            if shown == max_steps:
+                break
+            shown += 1
+            rows = step_rows(s) or [["", "", "", ""]]
+            span = f" rowspan='{len(rows)}'"
+            for i, (key, shape, dtype, nbytes) in enumerate(rows):
+                cls = _DERIVED_CLASS if key.endswith("(derived)") else ""
+                head = ""
+                if i == 0:
+                    head = "".join(f"<td{span}>{html.escape(str(v))}</td>" for v in (
+                        s.call, s.layer, _stage_label(s.stage, s.decode_step), s.backend)) + \
+                        f"<td{span}><b>{html.escape(s.name)}</b></td><td{span}>{html.escape(s.explanation)}</td>"
+                out.append(f"<tr{cls}>{head}<td><code>{html.escape(key)}</code></td><td>{html.escape(shape)}</td>"
+                           f"<td>{html.escape(dtype)}</td><td class='num'>{html.escape(nbytes)}</td></tr>")
+    out.append("</table>")
+    total = sum(len(c.steps) for c in calls)
+    if total > shown:
+        out.append(f"<i>... {total - shown} more steps: trace.to_frame() has them all</i>")
+    out.append("</div>")
+    return "".join(out)
+
+
+def trace_summary(trace: Trace) -> str:
+    state = "recording" if trace.active else "finished"
+    text = f"Trace ({state}): {len(trace.calls)} MoE call(s), {len(trace)} step(s)"
+    if trace.unattributed:
+        text += f", {trace.unattributed} step(s) emitted outside the inspected layers (not kept)"
+    for note in trace.notes:
+        text += f"\n  note: {note}"
+    return text
+
+
+def trace_text(trace: Trace, max_steps: int = 60) -> str:
+    """The summary line, then one row per step (the first `max_steps`)."""
+    rows = []
+    for s in trace.steps[:max_steps]:
+        rows.append([str(s.call), s.layer, _stage_label(s.stage, s.decode_step), str(s.backend), s.name,
+                     _tensor_list(s), format_bytes(s.nbytes)])
+    lines = [trace_summary(trace)]
+    if rows:
+        lines += ["  " + ln for ln in _table(["call", "layer", "stage", "backend", "step", "tensors", "bytes"],
+                                              rows, right=[6])]
+    if len(trace) > max_steps:
+        lines.append(f"  ... {len(trace) - max_steps} more steps (trace.to_frame() has them all)")
+    if any(s.derived for s in trace.steps[:max_steps]):
+        lines.append("  * derived for display, not computed by the backend")
+    return "\n".join(lines)

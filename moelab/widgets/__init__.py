@@ -1,0 +1,35 @@
+"""Widgets for the notebooks: the backend explorer (notebook 7) and the trace stepper (notebooks 3 to 5).
+
+Both keep their state on plain Python attributes, so a test (or a curious learner) can drive them without a
+browser or even a kernel: set a slider's `.value`, call `.run()` (what the Run button does), then read
+`.last_results` (a pandas DataFrame), `.figure` (a matplotlib Figure) and `.message`.
+
+One concept a module: `sweeps` is the explorer's measuring side (memory guard, sweeps, crossovers; no widgets),
+`explorer` the `BackendExplorer` UI, `stepper` the `TraceStepper` and its step pictures, `_shared` what both
+widgets share. Everything public is re-exported here; to monkeypatch a name, patch it in the module that defines
+it (e.g. `moelab.widgets.sweeps._bench`): rebinding it here would not reach the code that uses it.
+"""
+
+# Re-exports. Some public names stay out of __all__, as before the split, so a star import brings what it did:
+# BACKENDS, BOUNDS, COLORS, PROBE_TOKENS, bench_sweep, measured, step_figure, step_table.
+# ruff: noqa: F401
+
+from ..memory import quiet_stderr
+from ._shared import BACKENDS
+from .explorer import BOUNDS, COLORS, BackendExplorer
+from .stepper import TraceStepper, step_figure, step_table
+from .sweeps import (
+    DEFAULT_BUDGET_BYTES,
+    PROBE_TOKENS,
+    bench_sweep,
+    crossovers,
+    estimate_peak_bytes,
+    guard,
+    local_sweep,
+    measured,
+    probed_peak_bytes,
+    seq_len_points,
+)
+
+__all__ = ["DEFAULT_BUDGET_BYTES", "BackendExplorer", "TraceStepper", "crossovers", "estimate_peak_bytes", "guard",
+           "local_sweep", "probed_peak_bytes", "quiet_stderr", "seq_len_points"]
