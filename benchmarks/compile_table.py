@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import moelab  # noqa: E402
 from moelab.backends import ExpertsInterface, force_fallback  # noqa: E402
 from moelab.bench.env import environment  # noqa: E402
-from moelab.bench.sweep import _measure_time  # noqa: E402
+from moelab.bench.timing import measure_time  # noqa: E402
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "grouped_mm (fallback)", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -75,7 +75,7 @@ def run(dtypes, modes, min_run_time: float):
             with torch.no_grad(), ctx():
                 for T, args in inputs.items():
                     ref = fn(moe.experts, *args)
-                    timing = _measure_time(lambda: fn(moe.experts, *args), num_threads=1, clock="process",
+                    timing = measure_time(lambda: fn(moe.experts, *args), num_threads=1, clock="process",
                                            min_run_time=min_run_time)
                     plain[T] = (ref, timing["median_ms"])
             for fullgraph, mode in itertools.product((True, False), modes):
@@ -95,7 +95,7 @@ def run(dtypes, modes, min_run_time: float):
                             err = (out.float() - plain[T][0].float()).abs().max().item()
                             if not err <= TOL[dtype_name]:
                                 raise AssertionError(f"wrong result at T={T}: max abs error {err:.3g}")
-                            t = _measure_time(lambda: compiled(*args), num_threads=1, clock="process",
+                            t = measure_time(lambda: compiled(*args), num_threads=1, clock="process",
                                               min_run_time=min_run_time)
                             row[f"speedup_T{T}"] = plain[T][1] / t["median_ms"]
                             row[f"compiled_ms_T{T}"] = t["median_ms"]

@@ -266,7 +266,7 @@ def test_analysis_helpers(table):
 
 def test_gemm_bound_columns_and_the_cached_variant():
     from moelab.bench import analysis
-    from moelab.bench.sweep import _grouped_gemm_pair
+    from moelab.bench.baselines import grouped_gemm_pair
 
     t = bench.sweep(["grouped_mm"], tokens=[8], num_experts=[4], top_k=[2], hidden_size=[16], intermediate_size=[32],
                     dtypes=["float32"], min_run_time=0.01, progress=False, measure_memory=False, gemm_bound=True)
@@ -279,8 +279,8 @@ def test_gemm_bound_columns_and_the_cached_variant():
     experts = moelab.SparseMoE(moelab.MoEConfig(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2),
                                seed=0).experts
     top_k_index = torch.tensor([[0, 3], [1, 2], [3, 1]])
-    streamed = _grouped_gemm_pair(experts, top_k_index, torch.float32, "cpu", torch.Generator().manual_seed(0))
-    cached = _grouped_gemm_pair(experts, top_k_index, torch.float32, "cpu", torch.Generator().manual_seed(0),
+    streamed = grouped_gemm_pair(experts, top_k_index, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    cached = grouped_gemm_pair(experts, top_k_index, torch.float32, "cpu", torch.Generator().manual_seed(0),
                                 cached=True)
     (up_s, _), (up_c, down_c) = streamed(), cached()
     generator = torch.Generator().manual_seed(0)  # the same draws as inside the pair
@@ -288,3 +288,23 @@ def test_gemm_bound_columns_and_the_cached_variant():
     torch.testing.assert_close(up_c, x @ experts.gate_up_proj[0].T)
     torch.testing.assert_close(down_c, a @ experts.down_proj[0].T)
     assert not torch.allclose(up_s, up_c)  # the streamed pair really reads the other experts
+
+
+def test_report_is_computed_from_the_sweep():
+    from moelab.bench import analysis
+    from moelab.bench.report import markdown
+
+    t = bench.sweep(tokens=[4, 8], num_experts=[4], top_k=[2], hidden_size=[16], intermediate_size=[32],
+                    dtypes=["float32"], transformers=True, gemm_bound=True, min_run_time=0.01, measure_memory=False,
+                    progress=False)
+    text = markdown(t, None, {}, min_pairs=0)
+    for heading in ("## Summary", "## 1. moelab vs transformers", "## 2. The dense limit at S = T·k ≥ 0",
+                    "## 3. `auto` vs the fastest fixed backend", "## 4. The reference page's CPU claims",
+                    "## 6. What was not measured"):
+        assert heading in text
+    for backend in ("eager", "batched_mm", "grouped_mm"):  # the side-by-side table carries the sweep's ratios
+        r = analysis.ratio_table(t, backend, f"hf:{backend}")
+        assert f"| `{backend}` | {len(r)} | {r.ratio.median():.3f} | {r.ratio.max():.3f} |" in text
+    auto = analysis.auto_vs_best(t)
+    assert f"above 1.10 at {(auto.ratio > 1.1).sum()} of {len(auto)} shapes" in text
+    assert "hidden 16, expert-intermediate 32, dtypes float32" in text

@@ -8,12 +8,13 @@ the `auto` backend's crossover points.
     bench.calibrate()                         # measure crossovers for `auto` and store them for this machine
 """
 
+from .baselines import useful_flops
 from .calibrate import calibrate, crossovers_from_sweep
 from .env import environment
 from .guard import available_memory, resolve_budget
 from .io import load, save, summary
 from .plots import crossover_points, plot_memory, plot_speedup_map, plot_time
-from .sweep import COLUMNS, DEFAULT_BACKENDS, DEFAULT_GRID, sweep, useful_flops
+from .sweep import COLUMNS, DEFAULT_BACKENDS, DEFAULT_GRID, sweep
 
 __all__ = [
     "sweep", "calibrate", "crossovers_from_sweep", "environment", "available_memory", "resolve_budget", "save",

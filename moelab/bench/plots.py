@@ -117,12 +117,17 @@ def plot_time(table: pd.DataFrame, dtype=None, variants=None, dense: bool = True
         for a, b in annotate or []:
             for _, p in crossover_points(part, a, b, value, min_gap).iterrows():
                 slower = a if p["faster_after"] == b else b
-                text = f"{p['faster_after']} overtakes {slower} at T~{p['num_tokens_at']:.3g}"
+                text = f"{p['faster_after']} overtakes\n{slower} at T~{p['num_tokens_at']:.3g}"
                 marks.append((p["num_tokens_at"], text))
+        tokens = part["num_tokens"]
         for i, (at, text) in enumerate(sorted(marks)):
             ax.axvline(at, color="0.55", lw=0.8, ls="-.")
-            ax.annotate(text, (at, 0.98 - 0.09 * i), xycoords=("data", "axes fraction"), xytext=(2, 0),
-                        textcoords="offset points", va="top", fontsize=6.5, color="0.25")
+            # right of the line in the left half of the (log) axis, left of it in the right half: inside the axes
+            right_half = np.log(at / tokens.min()) > 0.5 * np.log(tokens.max() / tokens.min())
+            note = ax.annotate(text, (at, 0.98 - 0.15 * i), xycoords=("data", "axes fraction"),
+                               xytext=(-2 if right_half else 2, 0), textcoords="offset points", va="top",
+                               ha="right" if right_half else "left", fontsize=6.5, color="0.25")
+            note.set_in_layout(False)  # a long note must not squeeze the plots
         if part[part["status"] == "ok"].empty:
             reasons = part["reason"].dropna()
             ax.text(0.5, 0.5, "nothing measured" + (f":\n{reasons.iloc[0][:60]}" if len(reasons) else ""),

@@ -12,18 +12,12 @@ useful FLOPs (`S = T*k` rows through `[H, 2I]` then `[I, H]`). `frac_dense = den
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
-import sys
 from typing import Iterable, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-import torch.utils.benchmark as benchmark
 
 from .. import memory
 from ..backends import ExpertsInterface, release_workspace
@@ -32,7 +26,9 @@ from ..compare import parse_dtype
 from ..config import MoEConfig
 from ..moe import SparseMoE
 from . import guard
-from .env import environment, load_average, resolve_clock, timer_fn
+from .baselines import dense_pair, grouped_gemm_pair, useful_flops
+from .env import environment, load_average, resolve_clock
+from .timing import measure_interleaved, native_stderr_silenced
 
 DEFAULT_BACKENDS = ("eager", "batched_mm", "grouped_mm", "auto")
 DEFAULT_GRID = {
@@ -86,116 +82,6 @@ def _token_shapes(tokens) -> list[tuple[int, int]]:
                 raise ValueError(f"tokens must be ints >= 1 or (batch_size, seq_len) pairs of them, got {t!r}")
         shapes.append((b, s))
     return shapes
-
-
-def useful_flops(num_tokens: int, top_k: int, hidden_size: int, intermediate_size: int, backward: bool = False) -> int:
-    """FLOPs the experts must do: per pair 2*H*2I (up) + 2*I*H (down) = 6*H*I; backward adds twice that."""
-    forward = 6 * num_tokens * top_k * hidden_size * intermediate_size
-    return 3 * forward if backward else forward
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """Hide what C++ writes straight to fd 2 (the profiler's 'USDT ... profiler_start' lines) meanwhile."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real fd 2 (some notebooks): nothing to hide
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-TOP_UP_LIMIT_S = 3.0  # no more blocks for min_runs once a measurement has spent this long in timed calls
-BLOCK_S = 0.01  # a timed block repeats a fast call until it lasts about this long
-
-
-def _summary(block_times: list[float], number: int) -> dict:
-    times = np.asarray(block_times) * 1e3  # ms per call, one value per block
-    q1, q3 = np.percentile(times, [25, 75])
-    return {"median_ms": float(np.median(times)), "iqr_ms": float(q3 - q1), "q1_ms": float(q1), "q3_ms": float(q3),
-            "runs": int(len(block_times) * number)}
-
-
-def _measure_time(stmt_fn, *, num_threads: int, clock: str, min_run_time: float, min_runs: int = 5) -> dict:
-    """One statement alone: torch.utils.benchmark's blocked_autorange, topped up to `min_runs` blocks."""
-    return _measure_interleaved([stmt_fn], num_threads=num_threads, clock=clock, min_run_time=min_run_time,
-                                min_runs=min_runs)[0]
-
-
-def _measure_interleaved(stmt_fns, *, num_threads: int, clock: str, min_run_time: float, min_runs: int) -> list:
-    """Time several statements block by block in turn (round robin, the order rotating each round).
-
-    NOTE: on a shared machine the speed drifts by several percent over minutes; timing the variants of one
-    configuration in alternating blocks puts the drift into every variant's IQR alike instead of into the
-    ratios between them. Each block is a `torch.utils.benchmark.Timer.timeit(number)`, with `number` sized
-    once so that a block lasts about BLOCK_S; each statement gets >= min_run_time of blocks and >= min_runs
-    blocks (the latter capped at TOP_UP_LIMIT_S of calls, so a multi-second call gets fewer; see `runs`).
-    """
-    timers, numbers, blocks = [], [], []
-    for fn in stmt_fns:
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=num_threads, timer=timer_fn(clock))
-        once = timer.timeit(1).median  # the caller has warmed it up; this sizes the block
-        timers.append(timer)
-        numbers.append(max(1, int(BLOCK_S / max(once, 1e-9))))
-        blocks.append([])
-
-    def wanted(i):
-        spent = sum(blocks[i]) * numbers[i]
-        return spent < min_run_time or (len(blocks[i]) < min_runs and spent < TOP_UP_LIMIT_S)
-    round_index = 0
-    while True:
-        todo = [i for i in range(len(timers)) if wanted(i)]
-        if not todo:
-            break
-        shift = round_index % len(todo)
-        for i in todo[shift:] + todo[:shift]:
-            blocks[i].extend(timers[i].timeit(numbers[i]).times)
-        round_index += 1
-    return [_summary(b, n) for b, n in zip(blocks, numbers)]
-
-
-def _dense_pair(num_pairs: int, hidden: int, inter: int, dtype, device, backward: bool, generator):
-    """The dense limit: x [S, H] through w_up [2I, H], then a [S, I] through w_down [H, I] (nn.Linear layout)."""
-    def rand(*shape):
-        return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
-
-    x, a = rand(num_pairs, hidden), rand(num_pairs, inter)
-    w_up, w_down = rand(2 * inter, hidden) * hidden ** -0.5, rand(hidden, inter) * inter ** -0.5
-    if not backward:
-        return lambda: (F.linear(x, w_up), F.linear(a, w_down))
-    leaves = [t.requires_grad_() for t in (x, w_up, a, w_down)]
-    g_up, g_down = rand(num_pairs, 2 * inter), rand(num_pairs, hidden)
-
-    def step():
-        return torch.autograd.grad([F.linear(x, w_up), F.linear(a, w_down)], leaves, [g_up, g_down])
-    return step
-
-
-def _grouped_gemm_pair(experts, top_k_index, dtype, device, generator, cached: bool = False):
-    """The two bare grouped GEMMs of this routing on pre-sorted inputs: what no expert backend can undercut.
-
-    cached: every group multiplies by expert 0's weights (a stride-0 view), so the weights stay in cache: the
-    same FLOPs and group sizes without streaming E experts' weights from memory on every call.
-    """
-    from ..backends.grouped_matmul import grouped_linear
-    from ..backends.grouped_mm import expert_offsets, sort_by_expert
-
-    _, sorted_ids = sort_by_expert(top_k_index)
-    offsets = expert_offsets(sorted_ids, experts.num_experts)
-    S = top_k_index.numel()
-    x = torch.randn(S, experts.hidden_size, generator=generator).to(dtype=dtype, device=device)
-    a = torch.randn(S, experts.intermediate_size, generator=generator).to(dtype=dtype, device=device)
-    gate_up_proj, down_proj = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
-    if cached:
-        gate_up_proj, down_proj = gate_up_proj[:1].expand_as(gate_up_proj), down_proj[:1].expand_as(down_proj)
-    return lambda: (grouped_linear(x, gate_up_proj, offsets), grouped_linear(a, down_proj, offsets))
 
 
 def _call(library: str, backend: str, moe: SparseMoE, hf_module, compiled: bool, fullgraph: bool, mode):
@@ -363,15 +249,15 @@ def _sweep_config(rows, bar, dtype, H, I, E, k, shapes, compiled, measurements, 
         # every variant of this configuration, plus the dense limit and the bare grouped GEMMs, timed in turn
         timed = {("plan", i): stmt for i, (stmt, _) in prepared.items()}
         if prepared and dense_limit and dense_est.total_bytes <= budget:
-            timed["dense"] = _dense_pair(S, H, I, dtype, device, backward, generator)
+            timed["dense"] = dense_pair(S, H, I, dtype, device, backward, generator)
         if prepared and gemm_bound and not backward and dense_est.total_bytes <= budget:
-            timed["bound"] = _grouped_gemm_pair(moe.experts, top_k_index, dtype, device, generator)
-            timed["cached"] = _grouped_gemm_pair(moe.experts, top_k_index, dtype, device, generator, cached=True)
+            timed["bound"] = grouped_gemm_pair(moe.experts, top_k_index, dtype, device, generator)
+            timed["cached"] = grouped_gemm_pair(moe.experts, top_k_index, dtype, device, generator, cached=True)
         bar.set_postfix_str(f"{dtype_name} E={E} k={k} T={T}: timing {len(timed)} variants in turn")
         with torch.set_grad_enabled(backward):
             for stmt in timed.values():
                 stmt()  # warm-up (the plans' were warmed up by _prepare_one)
-            timings = dict(zip(timed, _measure_interleaved(list(timed.values()), num_threads=num_threads,
+            timings = dict(zip(timed, measure_interleaved(list(timed.values()), num_threads=num_threads,
                                                            clock=clock, min_run_time=min_run_time,
                                                            min_runs=min_runs)))
         if "dense" in timings:
@@ -386,7 +272,7 @@ def _sweep_config(rows, bar, dtype, H, I, E, k, shapes, compiled, measurements, 
             if measure_memory:
                 release_workspace()  # so a reused workspace counts in the peak, as on a first call
                 try:
-                    with _native_stderr_silenced(), torch.set_grad_enabled(backward):
+                    with native_stderr_silenced(), torch.set_grad_enabled(backward):
                         extra["peak_extra_bytes"] = memory.measure(stmt, device=x.device).peak_bytes
                 except Exception as err:  # noqa: BLE001 - the timing stands; say why the memory is missing
                     extra["reason"] = f"memory not measured: {type(err).__name__}: {err}"[:300]
