@@ -1,10 +1,11 @@
 """Regenerate BENCHMARKS.md and its plots under docs/bench/: the one command.
 
-    python benchmarks/run_benchmarks.py             # measure (~25 minutes on 2 cores, one thread) and write
+    python benchmarks/run_benchmarks.py             # measure (~35 minutes on 2 cores, one thread) and write
     python benchmarks/run_benchmarks.py --reuse     # rewrite BENCHMARKS.md from the sweeps saved last time
 
 It runs (1) the default sweep, moelab and transformers side by side on identical weights, with the dense limit
-and the bare grouped GEMMs; (2) the same grid with every backend compiled (inductor, fullgraph where possible);
+and the bare grouped GEMMs; (2) the same grid with every backend compiled (inductor, fullgraph where possible),
+the uncompiled backends timed again beside them;
 then compares moelab with transformers, with the dense limit, `auto` with the fastest fixed backend, and checks
 the reference page's CPU claims. docs/compile_table.md has its own command: benchmarks/compile_table.py.
 """
@@ -47,8 +48,10 @@ def measure(args, only_compiled: bool = False) -> tuple[pd.DataFrame, pd.DataFra
     compiled = None
     if not args.skip_compiled:
         started = time.time()
-        compiled = bench.sweep(bench.DEFAULT_BACKENDS, compiled=(True,), measure_memory=False, dense_limit=False,
-                               **common)
+        # the uncompiled backends again, interleaved with the compiled ones: "auto compiled vs every variant"
+        # then compares timings of one run
+        compiled = bench.sweep(bench.DEFAULT_BACKENDS, compiled=(False, True), measure_memory=False,
+                               dense_limit=False, **common)
         compiled.attrs["environment"]["elapsed_s"] = time.time() - started
         bench.save(compiled, OUT / "compiled")
     return default, compiled
@@ -66,6 +69,8 @@ def write_plots(default: pd.DataFrame, compiled: pd.DataFrame | None) -> dict[st
     if compiled is not None and (compiled["status"] == "ok").any():
         for dtype in dict.fromkeys(compiled["dtype"]):
             figures[f"time_compiled_{dtype}.png"] = plots.plot_time(compiled, dtype=dtype, dense=False,
+                                                                    variants=[f"{b}+compile" for b in
+                                                                              bench.DEFAULT_BACKENDS],
                                                                     annotate=[("batched_mm+compile",
                                                                                "grouped_mm+compile")])
     paths = {}

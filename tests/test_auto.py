@@ -147,6 +147,7 @@ def test_rules_per_number_of_experts_take_the_nearest():
 def test_compiled_inference_runs_grouped_mm_as_one_opaque_op(monkeypatch):
     from moelab.backends import workspace
     monkeypatch.setattr(workspace, "MIN_BYTES", 0)  # the op is for buffers of MiBs; make the tiny test qualify
+    monkeypatch.setattr(auto, "COMPILED_LEAN_MIN_BYTES", 0)
     torch._dynamo.reset()
     table = CrossoverTable({"*/*/*": [[None, "grouped_mm"]]})
     moe = make_moe(32, 64, 8, 2, backend="auto")
@@ -166,6 +167,6 @@ def test_compiled_small_calls_keep_the_compiled_graph():
     table = CrossoverTable({"*/*/*": [[None, "grouped_mm"]]})
     moe = make_moe(32, 64, 8, 2, backend="auto")
     with use_crossovers(table), torch.no_grad():
-        gm = torch._dynamo.explain(moe)(torch.randn(12, 32))  # a few KiB: below workspace.MIN_BYTES
+        gm = torch._dynamo.explain(moe)(torch.randn(12, 32))  # a few KiB: below auto.COMPILED_LEAN_MIN_BYTES
     assert gm.graph_break_count == 0 and "grouped_mm_lean" not in str(gm.graphs[0].code)
     torch._dynamo.reset()

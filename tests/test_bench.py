@@ -308,3 +308,13 @@ def test_report_is_computed_from_the_sweep():
     auto = analysis.auto_vs_best(t)
     assert f"above 1.10 at {(auto.ratio > 1.1).sum()} of {len(auto)} shapes" in text
     assert "hidden 16, expert-intermediate 32, dtypes float32" in text
+
+
+def test_compiled_variants_are_judged_within_one_run(table):
+    from moelab.bench.report_sections import compiled_run
+
+    compiled_only = table.assign(compiled=True)
+    assert compiled_run(table, None) is None
+    assert len(compiled_run(table, compiled_only)) == 2 * len(table)  # two runs: both tables
+    same_run = pd.concat([table, compiled_only], ignore_index=True)  # a sweep with compiled=(False, True)
+    assert compiled_run(table, same_run) is same_run

@@ -166,6 +166,11 @@ DEFAULT_CROSSOVERS = CrossoverTable(
 _override: CrossoverTable | None = None
 _choices: dict = {}  # (id(table), pairs, dtype, device type, num_experts) -> (backend, reason)
 
+# Compiled CPU inference hands grouped_mm to its uncompiled lean path once gate_up ([S, 2I]) is this big: measured
+# (BENCHMARKS.md, docs/bench/compiled), the lean path wins by 4-13% at 16-64 MiB, where inductor's graph pays page
+# faults on fresh buffers every call; at 8 MiB the graph's fused elementwise kernels win by 6-8%.
+COMPILED_LEAN_MIN_BYTES = 16 * 2 ** 20
+
 
 def machine_key() -> str:
     """A short id of this machine and software (CPU model, capability, cores, torch version) for calibrations."""
@@ -298,14 +303,15 @@ def auto_experts(experts, hidden_states, top_k_index, top_k_weights):
         record_step("auto", f"auto picks {chosen} for S = {pairs} (token, expert) pairs over {num_experts} "
                     f"experts: {reason}.", chosen=chosen, pairs=pairs, reason=reason)
     itemsize = hidden_states.element_size()
+    gate_up_bytes = pairs * experts.gate_up_proj.shape[1] * itemsize  # [S, 2I]
     if chosen == "grouped_mm" and torch.compiler.is_compiling() and hidden_states.device.type == "cpu" \
-            and workspace.fits([pairs * experts.gate_up_proj.shape[1] * itemsize,
-                                pairs * experts.gate_up_proj.shape[2] * itemsize]):
-        # NOTE: compiled, grouped_mm's graph makes fresh [S, H] buffers on every call; on CPU, once they are
-        # several MiB, that costs a page fault per 4 KiB and the uncompiled lean path (in place, in a reused
-        # workspace) is faster (BENCHMARKS.md). So for inference at those sizes auto calls that path as one
-        # opaque op, which keeps fullgraph=True; below them the op's dispatch costs more than it saves. With
-        # autograd the compiled graph is used as is.
+            and gate_up_bytes >= COMPILED_LEAN_MIN_BYTES \
+            and workspace.fits([gate_up_bytes, pairs * experts.gate_up_proj.shape[2] * itemsize]):
+        # NOTE: compiled, grouped_mm's graph makes fresh [S, 2I] and [S, H] buffers on every call; on CPU, once
+        # they are tens of MiB, that costs a page fault per 4 KiB and the uncompiled lean path (in place, in a
+        # reused workspace) is faster. So for inference at those sizes auto calls that path as one opaque op,
+        # which keeps fullgraph=True; below them the graph's fused kernels win. With autograd the compiled graph
+        # is used as is.
         act = _activation_name(experts.act_fn)
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad
                                                   or experts.gate_up_proj.requires_grad

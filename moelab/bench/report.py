@@ -11,8 +11,8 @@ import pandas as pd
 from ..memory import format_bytes
 from . import analysis
 from .io import label
-from .report_sections import (FIXED, _pct, _range, _shape, section_auto, section_claims, section_dense,
-                              section_transformers)
+from .report_sections import (FIXED, _pct, _range, _shape, compiled_run, section_auto, section_claims,
+                              section_dense, section_transformers)
 
 
 def _verdict(hits: int, total: int) -> str:
@@ -51,7 +51,7 @@ def section_summary(default, compiled, min_pairs: int = 4096) -> list[str]:
                      f"); the bare grouped GEMMs alone reach {_range(frac['grouped_gemm_bound'], _pct)} "
                      f"({_range(frac['cached_gemm_bound'], _pct)} with the weights cached); no slower than eager at "
                      f"{(vs_eager['verdict'] != 'slower').sum()} of {len(vs_eager)} shapes.")
-    both = pd.concat([default, compiled], ignore_index=True) if compiled is not None else None
+    both = compiled_run(default, compiled)
     for name, table, comp in (("uncompiled", default, False), ("compiled", both, True)):
         r = analysis.auto_vs_best(table, compiled=comp) if table is not None else pd.DataFrame()
         if len(r):

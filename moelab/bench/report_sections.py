@@ -31,6 +31,16 @@ def _range(values, fmt=_x) -> str:
 
 
 
+def compiled_run(default, compiled):
+    """The table to judge compiled variants on: the compiled sweep itself when it also timed the uncompiled
+    backends (same run, interleaved: fair ratios), else the two sweeps together (two runs: their drift included)."""
+    if compiled is None:
+        return None
+    if (~compiled["compiled"].astype(bool)).any():
+        return compiled
+    return pd.concat([default, compiled], ignore_index=True)
+
+
 def section_transformers(default) -> list[str]:
     lines = ["## 1. moelab vs transformers, side by side", "",
              "Each moelab backend against transformers' same-named one, in the same run, same thread, identical "
@@ -133,8 +143,11 @@ def section_auto(default, compiled) -> list[str]:
              "ratio = auto median / median of the fastest of eager, batched_mm, grouped_mm at that shape "
              "(target ≤ 1.10). Uncompiled: the default sweep. Compiled: every backend compiled (inductor, "
              "`fullgraph=True` except eager), auto compiled against the compiled fixed ones; the last line also "
-             "against every fixed variant, compiled or not.", ""]
-    both = pd.concat([default, compiled], ignore_index=True) if compiled is not None else None
+             "against every fixed variant, compiled or not"
+             + (" (the compiled sweep times the uncompiled backends too, in the same run)."
+                if compiled is not None and compiled_run(default, compiled) is compiled
+                else " (uncompiled from the default sweep: another run)."), ""]
+    both = compiled_run(default, compiled)
     for name, table, comp, against in (("uncompiled", default, False, "same"), ("compiled", both, True, "same"),
                                        ("compiled, against every variant", both, True, "all")):
         if table is None:
@@ -221,18 +234,11 @@ def section_claims(default, compiled) -> list[str]:
                      f"| peak extra {_range(b1024[b1024['library'] == 'moelab']['peak_extra_bytes'], format_bytes)} "
                      f"(the copy alone: {format_bytes(copied)}) |")
     if compiled is not None:
-        c = compiled[(compiled["status"] == "ok") & (compiled["num_tokens"] == 1)]
-        fastest_t1 = []
-        for key, part in c.groupby(["dtype", "num_experts", "top_k"]):
-            fixed = part[part["backend"].isin(FIXED)]
-            if len(fixed):
-                fastest_t1.append(fixed.loc[fixed["median_ms"].idxmin(), "backend"])
-        unc = default[(default["status"] == "ok") & (default["num_tokens"] == 1) & (default["library"] == "moelab")]
-        both = pd.concat([c, unc], ignore_index=True)
-        overall = []
-        for key, part in both.groupby(["dtype", "num_experts", "top_k"]):
-            fixed = part[part["backend"].isin(FIXED)]
-            overall.append(label(fixed.loc[fixed["median_ms"].idxmin()]))
+        run = compiled_run(default, compiled)
+        at_t1 = run[(run["status"] == "ok") & (run["num_tokens"] == 1) & (run["library"] == "moelab")
+                    & run["backend"].isin(FIXED)]
+        overall = [label(part.loc[part["median_ms"].idxmin()])
+                   for _, part in at_t1.groupby(["dtype", "num_experts", "top_k"])]
         lines.append(f"| compiled batched_mm (inductor, fullgraph) is the fastest variant at T = 1 | yes | | "
                      f"fastest at T=1 among all variants: {', '.join(f'{v} ({overall.count(v)})' for v in dict.fromkeys(overall))} |")
     lines += ["", "Claims about torch.compile (which backends and dtypes compile, `fullgraph`): see "
