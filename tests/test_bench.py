@@ -318,3 +318,17 @@ def test_compiled_variants_are_judged_within_one_run(table):
     assert len(compiled_run(table, compiled_only)) == 2 * len(table)  # two runs: both tables
     same_run = pd.concat([table, compiled_only], ignore_index=True)  # a sweep with compiled=(False, True)
     assert compiled_run(table, same_run) is same_run
+
+
+def test_profile_steps_splits_a_call_by_operator():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_steps.py"
+    spec = importlib.util.spec_from_file_location("profile_steps", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.profile_call("grouped_mm", torch.float32, 4, 2, 8, 16, 32, calls=2)
+    assert table.share.sum() == pytest.approx(1.0)
+    assert (table.ms_per_call.diff().dropna() <= 0).all()  # largest first
+    assert "aten::mm" in set(table.op) or "aten::_grouped_mm" in set(table.op)  # the GEMMs are in the split

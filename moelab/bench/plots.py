@@ -79,6 +79,32 @@ def crossover_points(table: pd.DataFrame, a: str = "eager", b: str = "grouped_mm
     return pd.DataFrame(out, columns=keys + ["between", "num_tokens_at", "pairs_at", "faster_after"])
 
 
+def _panel_grid(rows, cols) -> tuple[Figure, np.ndarray]:
+    """One panel per (dtype, num_experts) row x top_k column."""
+    fig = Figure(figsize=(4.2 * len(cols), 3.3 * len(rows)), layout="constrained")
+    return fig, np.atleast_2d(fig.subplots(len(rows), len(cols), squeeze=False))
+
+
+def _finish_panel(ax, dt, E, k, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(f"{dt}, E={E}, k={k}", fontsize=10)
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.25)
+
+
+def _shared_legend(fig: Figure, axes: np.ndarray, max_cols: int) -> None:
+    """One legend below the panels with every label any panel drew, each once."""
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), max_cols), fontsize=8)
+
+
 def plot_time(table: pd.DataFrame, dtype=None, variants=None, dense: bool = True, annotate=True,
               value: str = "median_ms", min_gap: float = 0.05) -> Figure:
     """Median time vs tokens per variant, log-log, one panel per (dtype, num_experts) x top_k.
@@ -91,8 +117,7 @@ def plot_time(table: pd.DataFrame, dtype=None, variants=None, dense: bool = True
     variants = list(variants or dict.fromkeys(t["variant"]))
     styles = _styles(variants)
     rows, cols = _facets(t)
-    fig = Figure(figsize=(4.2 * len(cols), 3.3 * len(rows)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(rows), len(cols), squeeze=False))
+    fig, axes = _panel_grid(rows, cols)
     if annotate is True:
         fixed = [v for v in variants if v in ("eager", "batched_mm", "grouped_mm")]
         annotate = list(itertools.combinations(fixed, 2))
@@ -132,19 +157,8 @@ def plot_time(table: pd.DataFrame, dtype=None, variants=None, dense: bool = True
             reasons = part["reason"].dropna()
             ax.text(0.5, 0.5, "nothing measured" + (f":\n{reasons.iloc[0][:60]}" if len(reasons) else ""),
                     ha="center", va="center", transform=ax.transAxes, fontsize=7, wrap=True)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"{dt}, E={E}, k={k}", fontsize=10)
-        ax.set_xlabel("tokens T")
-        ax.set_ylabel("time per call (ms)" if value == "median_ms" else value)
-        ax.grid(True, which="both", alpha=0.25)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    for ax in axes.flat[1:]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=8)
+        _finish_panel(ax, dt, E, k, "time per call (ms)" if value == "median_ms" else value)
+    _shared_legend(fig, axes, 6)
     fig.suptitle("Experts forward: time vs tokens" + _env_suffix(table))
     return fig
 
@@ -156,8 +170,7 @@ def plot_memory(table: pd.DataFrame, dtype=None, variants=None) -> Figure:
     variants = list(variants or dict.fromkeys(t["variant"]))
     styles = _styles(variants)
     rows, cols = _facets(t)
-    fig = Figure(figsize=(4.2 * len(cols), 3.3 * len(rows)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(rows), len(cols), squeeze=False))
+    fig, axes = _panel_grid(rows, cols)
     budget = t["budget_bytes"].dropna()
     for (r, (dt, E)), (c, k) in itertools.product(enumerate(rows), enumerate(cols)):
         ax = axes[r, c]
@@ -175,19 +188,8 @@ def plot_memory(table: pd.DataFrame, dtype=None, variants=None) -> Figure:
                            edgecolors=color, marker=marker, s=40, label=f"{v} (skipped: estimate)")
         if not budget.empty:
             ax.axhline(budget.iloc[0] / 2 ** 20, color="tab:red", lw=1, ls="--", label="memory budget")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"{dt}, E={E}, k={k}", fontsize=10)
-        ax.set_xlabel("tokens T")
-        ax.set_ylabel("peak extra memory (MiB)")
-        ax.grid(True, which="both", alpha=0.25)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8)
+        _finish_panel(ax, dt, E, k, "peak extra memory (MiB)")
+    _shared_legend(fig, axes, 4)
     fig.suptitle("Experts forward: peak extra memory vs tokens" + _env_suffix(table))
     return fig
 

@@ -25,7 +25,8 @@ def _verdict(hits: int, total: int) -> str:
 
 
 def _measured(part: pd.DataFrame, *columns: str) -> pd.DataFrame:
-    return part.dropna(subset=[c for c in columns if c in part]) if all(c in part for c in columns) else part[:0]
+    """The rows where every one of `columns` was measured (none if a column is missing altogether)."""
+    return part.dropna(subset=list(columns)) if all(c in part for c in columns) else part[:0]
 
 
 def section_summary(default, compiled, min_pairs: int = 4096) -> list[str]:

@@ -94,7 +94,8 @@ def section_dense(default, min_pairs: int = 4096) -> list[str]:
              "which then stay in cache, so the difference between the two is what streaming E experts' weights from "
              "memory costs on every call; `other steps` is the share of grouped_mm's time outside the GEMMs (sort, "
              "gathers, activation, weighting, unsort, sum; below zero where the backend's GEMMs, writing into a reused "
-             "workspace, beat the bare pair, which allocates its outputs).", "",
+             "workspace, beat the bare pair, which allocates its outputs). The same split operator by operator: "
+             "`python benchmarks/profile_steps.py --dtype bfloat16 --experts 8 --top-k 2 --tokens 2048`.", "",
              "| dtype | E | k | T | S | moelab grouped_mm | moelab eager | hf grouped_mm | hf eager | GEMMs | "
              "GEMMs, weights cached | other steps | eager time / grouped time (moelab) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
