@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelab import ExpertsInterface, MoEConfig, SparseMoE  # noqa: E402
 from moelab.bench.timing import native_stderr_silenced  # noqa: E402
-from moelab.compare import parse_dtype  # noqa: E402
+from moelab.core.dtypes import parse_dtype  # noqa: E402
 
 
 def profile_call(backend: str, dtype, num_experts: int, top_k: int, num_tokens: int, hidden_size: int,

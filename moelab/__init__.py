@@ -1,30 +1,30 @@
-"""moelab: learn and experiment with how Mixture-of-Experts layers run their expert matmuls."""
+"""moelab: learn and experiment with how Mixture-of-Experts layers run their expert matmuls.
+
+The packages, lowest first (each imports only those below it; `pyproject.toml`'s import-linter contract checks it):
+`core` (config, registry, steps, stage), `backends` (eager, batched_mm, grouped_mm, auto), `layer` (router,
+experts, SparseMoE), `memory`, `inspection`, `models`, then `hf`, `bench`, `widgets` and the CLI on top.
+This module only gathers the public names.
+"""
 
 from .backends import ExpertsInterface
-from .config import MoEConfig
-from .experts import Experts
-from .moe import SparseMoE
-from .router import RouterOutput, TopKRouter, load_balancing_loss
-from .steps import record_step
+from .core.config import MoEConfig
+from .core.stage import Stage, current_stage, generation_stage, stage_label
+from .core.steps import record_step
+from .layer import Experts, RouterOutput, SparseMoE, TopKRouter, load_balancing_loss
 from . import memory
-from .inspect import Trace, inspect  # the function `moelab.inspect`; classes: `from moelab.inspect import ...`
+from .inspection import Trace, inspect  # the function `moelab.inspect`; its classes: `moelab.inspection`
+from .models import (GenerateOutput, KVCache, MoEForCausalLM, MoEModelConfig, MoEVisionConfig, MultiBackboneConfig,
+                     MultiBackboneForCausalLM, RMSNorm, decode_backends, load_pretrained, synthetic_pixel_values)
+from .models.io import package_version
+from . import hf  # registers the transformers inspection adapter (imports no transformers until used)
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 __all__ = [
     "ExpertsInterface", "MoEConfig", "Experts", "SparseMoE", "RouterOutput", "TopKRouter",
     "load_balancing_loss", "record_step",
     "inspect", "memory", "Trace",
-]
-from .generation import GenerateOutput
-from .io import load_pretrained
-from .model import KVCache, MoEForCausalLM, MoEModelConfig, RMSNorm
-from .multibackbone import MoEVisionConfig, MultiBackboneConfig, MultiBackboneForCausalLM, synthetic_pixel_values
-from .selection import decode_backends
-from .stage import Stage, current_stage, generation_stage
-
-__all__ += [
     "GenerateOutput", "load_pretrained", "KVCache", "MoEForCausalLM", "MoEModelConfig", "RMSNorm", "MoEVisionConfig",
     "MultiBackboneConfig", "MultiBackboneForCausalLM", "synthetic_pixel_values", "decode_backends",
-    "Stage", "current_stage", "generation_stage",
+    "Stage", "current_stage", "generation_stage", "stage_label",
 ]

@@ -7,8 +7,9 @@ import sys
 
 import torch
 
-from .compare import DTYPES, compare_backends
-from .config import MoEConfig
+from .bench.compare import compare_backends
+from .core.dtypes import DTYPES
+from .core.config import MoEConfig
 
 
 def _add_compare(sub) -> None:

@@ -17,7 +17,7 @@ from reference import reference_experts, reference_router
     ("intermediate_size", -3, r"intermediate_size must be in \[1, inf\]"),
     ("num_experts", 2.0, r"num_experts must be an int"),
     ("hidden_act", "swiglu", r"hidden_act must be one of \[.*'silu'.*\], got 'swiglu'"),
-    ("initializer_range", 0.0, r"initializer_range must be a float > 0"),
+    ("initializer_range", 0.0, r"initializer_range must be a finite float > 0"),
     ("norm_topk_prob", 1, r"norm_topk_prob must be a bool"),
 ])
 def test_config_rejects_bad_values(field, value, message):

@@ -7,7 +7,7 @@ import moelab
 from conftest import make_moe
 from moelab.backends import auto
 from moelab.backends.auto import CrossoverTable, use_crossovers
-from moelab.steps import add_recorder, remove_recorder
+from moelab.core.steps import add_recorder, remove_recorder
 
 FIRST_STEP = {"eager": "expert_mask", "batched_mm": "repeat", "grouped_mm": "sort"}
 
@@ -145,7 +145,7 @@ def test_rules_per_number_of_experts_take_the_nearest():
 
 
 def test_compiled_inference_runs_grouped_mm_as_one_opaque_op(monkeypatch):
-    from moelab.backends import workspace
+    from moelab.backends.cpu import workspace
     monkeypatch.setattr(workspace, "MIN_BYTES", 0)  # the op is for buffers of MiBs; make the tiny test qualify
     monkeypatch.setattr(auto, "COMPILED_LEAN_MIN_BYTES", 0)
     torch._dynamo.reset()

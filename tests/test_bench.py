@@ -112,7 +112,7 @@ def test_bad_arguments_are_named():
         bench.sweep(["fast"], progress=False)
     with pytest.raises(ValueError, match="tokens must be ints >= 1"):
         bench.sweep(tokens=[0], progress=False)
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match=r"dtype must be a floating torch.dtype or one of \[.float32., .bfloat16., .float16., .float64.\]"):
         bench.sweep(dtypes=["int8"], progress=False)
     with pytest.raises(ValueError, match="num_threads"):
         bench.sweep(num_threads=0, progress=False)

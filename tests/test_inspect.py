@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import moelab
-from moelab import steps as steps_module
-from moelab.inspect import Call, InspectionWarning, Step, Trace
-from moelab.stage import generation_stage
+from moelab.core import steps as steps_module
+from moelab.inspection import Call, InspectionWarning, Step, Trace
+from moelab.core.stage import generation_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["eager", "batched_mm", "grouped_mm"]
@@ -481,7 +481,7 @@ def test_plots_render_headless_with_the_expected_artists(config, x):
     from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
 
-    from moelab import inspect_plots as plots
+    from moelab.inspection import plots
 
     _, trace, _, routing = traced("grouped_mm", config, x)
     fig = plots.plot_tokens_per_expert(trace)
@@ -503,14 +503,14 @@ def test_plots_render_headless_with_the_expected_artists(config, x):
     assert offsets_lines, "the E offsets are marked"
     _labelled(ax)
 
-    fig = plots.plot_memory(config, num_tokens=64)
+    fig = moelab.memory.plot_memory(config, num_tokens=64)
     assert len(fig.axes) == 3 and [a.get_title().split(",")[0] for a in fig.axes] == BACKENDS
     for ax, backend in zip(fig.axes, BACKENDS):
         estimate = moelab.memory.analytic(config, 64, backend)
         assert len(ax.patches) == len(estimate.steps)
         _labelled(ax)
 
-    fig = plots.plot_duplication(config, [1, 4, 16, 64])
+    fig = moelab.memory.plot_duplication(config, [1, 4, 16, 64])
     line = fig.axes[0].lines[0]
     assert list(line.get_ydata()) == pytest.approx([t * K / E for t in (1, 4, 16, 64)])
     _labelled(fig.axes[0])

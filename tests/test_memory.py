@@ -100,7 +100,7 @@ def test_analytic_validates_its_arguments():
         memory.analytic(BIG, 4, "eager", tokens_per_expert=[1] * 7 + [0])  # sums to 7, not T*k = 8
     with pytest.raises(ValueError, match="config must be a moelab.MoEConfig"):
         memory.analytic(object(), 4, "eager")
-    with pytest.raises(ValueError, match="unknown dtype"):
+    with pytest.raises(ValueError, match=r"dtype must be a floating torch.dtype or one of .*got .float33."):
         memory.analytic(BIG, 4, "eager", "float33")
     assert memory.analytic(BIG, 4, "eager", "bfloat16").dtype == torch.bfloat16
     auto = memory.analytic(BIG, 4, "auto")  # modelled as the backend `auto` picks for T*k pairs
@@ -152,7 +152,7 @@ def test_analytic_and_measured_peaks_agree_within_25_percent(backend):
 
 def test_grouped_mm_paths_are_modelled():
     """Inspected calls take the plain path; uninspected CPU inference the lean one, with the workspace when big."""
-    from moelab.backends import workspace
+    from moelab.backends.cpu import workspace
 
     plain = memory.analytic(BIG, 512, "grouped_mm", inspected=True)
     lean = memory.analytic(BIG, 512, "grouped_mm")

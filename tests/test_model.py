@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import moelab
-from moelab.model import KVCache, MoEModelConfig
+from moelab.models import KVCache, MoEModelConfig
 
 BACKENDS = ["eager", "batched_mm", "grouped_mm"]
 
@@ -164,13 +164,13 @@ def test_sampling_is_reproducible_with_a_seed(model, prompt):
 def test_sampling_draws_from_the_filtered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)  # [B, V]
     generator = torch.Generator().manual_seed(0)
-    draws = moelab.generation.next_token(logits, True, 1.0, None, None, generator)
+    draws = moelab.models.generation.next_token(logits, True, 1.0, None, None, generator)
     frequencies = torch.bincount(draws, minlength=4).float() / 4000
     torch.testing.assert_close(frequencies, logits[0].softmax(-1), atol=0.03, rtol=0)
-    top2 = moelab.generation.next_token(logits, True, 1.0, 2, None, generator)
+    top2 = moelab.models.generation.next_token(logits, True, 1.0, 2, None, generator)
     assert set(top2.tolist()) == {0, 1}
     # top_p = 0.7: p = [0.64, 0.24, ...]; token 0 alone is short of 0.7, so tokens 0 and 1 stay
-    nucleus = moelab.generation.next_token(logits, True, 1.0, None, 0.7, generator)
+    nucleus = moelab.models.generation.next_token(logits, True, 1.0, None, 0.7, generator)
     assert set(nucleus.tolist()) == {0, 1}
 
 

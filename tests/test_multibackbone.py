@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moelab
-from moelab.multibackbone import MoEVisionConfig, MultiBackboneConfig, patchify
+from moelab.models.multibackbone import MoEVisionConfig, MultiBackboneConfig, patchify
 
 VALID_KEYS = r"valid keys are \['', 'text_config', 'vision_config'\]"
 

@@ -187,7 +187,7 @@ def test_seq_len_points():
 
 
 def test_trace_stepper_slides_through_a_backend_steps():
-    pytest.importorskip("moelab.inspect")
+    pytest.importorskip("moelab.inspection")
     import torch
 
     cfg = moelab.MoEConfig(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2)

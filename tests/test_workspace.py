@@ -5,9 +5,9 @@ import torch
 
 import moelab
 from conftest import make_moe
-from moelab.backends import workspace
+from moelab.backends.cpu import workspace
 from moelab.backends.grouped_mm import grouped_mm_experts, lean_path
-from moelab.steps import add_recorder, remove_recorder
+from moelab.core.steps import add_recorder, remove_recorder
 
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 

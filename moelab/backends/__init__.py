@@ -12,12 +12,12 @@ and reads `experts.gate_up_proj [E, 2I, H]` (gate rows first, then up), `experts
 the three per call.
 """
 
-from .registry import ExpertsInterface
+from ..core.registry import ExpertsInterface
 from .eager import eager_experts
 from .batched_mm import batched_mm_experts
 from .grouped_mm import grouped_mm_experts
 from .grouped_matmul import force_fallback, grouped_linear, matmul_path, PATH_COUNTS
-from .workspace import release_workspace, use_workspace, workspace_bytes
+from .cpu.workspace import release_workspace, use_workspace, workspace_bytes
 from .auto import auto_experts, CrossoverTable, DEFAULT_CROSSOVERS
 
 ExpertsInterface.register("eager", eager_experts, overwrite=True)

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from ..activations import ACTIVATIONS
-from ..steps import is_recording, record_step
-from . import workspace
+from ..core.activations import ACTIVATIONS
+from ..core.steps import is_recording, record_step
+from .cpu import workspace
 from .grouped_mm import grouped_mm_experts
-from .registry import ExpertsInterface
+from ..core.registry import ExpertsInterface
 
 CANDIDATES = ("eager", "batched_mm", "grouped_mm")
 MODES = ("eager", "compiled")

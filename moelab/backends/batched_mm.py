@@ -7,7 +7,7 @@ Simple and shape-static (so `torch.compile(fullgraph=True)` works), but the gath
 
 import torch
 
-from ..steps import record_step
+from ..core.steps import record_step
 
 
 def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):

@@ -9,7 +9,7 @@ capture it, as the transformers reference documents.
 import torch
 import torch.nn.functional as F
 
-from ..steps import is_recording, record_step
+from ..core.steps import is_recording, record_step
 
 
 def eager_experts(experts, hidden_states, top_k_index, top_k_weights):

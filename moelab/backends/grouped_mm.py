@@ -15,8 +15,8 @@ Two ways through the same steps:
 import torch
 import torch.nn.functional as F
 
-from ..steps import is_recording, record_step
-from . import workspace
+from ..core.steps import is_recording, record_step
+from .cpu import workspace
 from .grouped_matmul import grouped_linear, matmul_path
 
 # activations with an exact in-place form: the lean path applies them to the gate half of gate_up

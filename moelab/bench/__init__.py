@@ -10,6 +10,7 @@ the `auto` backend's crossover points.
 
 from .baselines import useful_flops
 from .calibrate import calibrate, crossovers_from_sweep
+from .compare import compare_backends
 from .env import environment
 from .guard import available_memory, resolve_budget
 from .io import load, save, summary
@@ -19,5 +20,5 @@ from .sweep import COLUMNS, DEFAULT_BACKENDS, DEFAULT_GRID, sweep
 __all__ = [
     "sweep", "calibrate", "crossovers_from_sweep", "environment", "available_memory", "resolve_budget", "save",
     "load", "summary", "plot_time", "plot_memory", "plot_speedup_map", "crossover_points", "COLUMNS",
-    "DEFAULT_BACKENDS", "DEFAULT_GRID", "useful_flops",
+    "DEFAULT_BACKENDS", "DEFAULT_GRID", "useful_flops", "compare_backends",
 ]

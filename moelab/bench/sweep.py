@@ -22,9 +22,9 @@ import torch
 from .. import memory
 from ..backends import ExpertsInterface, release_workspace
 from ..backends import auto as auto_backend
-from ..compare import parse_dtype
-from ..config import MoEConfig
-from ..moe import SparseMoE
+from ..core.dtypes import parse_dtype
+from ..core.config import MoEConfig
+from ..layer.moe import SparseMoE
 from . import guard
 from .baselines import dense_pair, grouped_gemm_pair, useful_flops
 from .env import environment, load_average, resolve_clock

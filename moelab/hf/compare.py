@@ -5,16 +5,19 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from ..compare import parse_dtype
+from ..core.dtypes import parse_dtype
+from ..inspection import inspect
+from ..memory.plots import new_figure
 from .convert import FAMILIES, from_transformers
-from .inspect_adapter import MOELAB_BACKENDS, find_moe_layers
+from .inspect_adapter import NAMESAKE_BACKENDS, find_moe_layers
+from .models import tiny_model
 
 __all__ = ["compare_with_transformers", "parity_table", "inspect_each_backend", "steps_side_by_side",
            "tokens_per_expert_by_layer", "plot_tokens_per_expert_by_layer"]
 
 
 @torch.no_grad()
-def compare_with_transformers(model, hidden_states: torch.Tensor | None = None, *, backends=MOELAB_BACKENDS,
+def compare_with_transformers(model, hidden_states: torch.Tensor | None = None, *, backends=NAMESAKE_BACKENDS,
                               num_tokens: int = 16, seed: int = 0) -> pd.DataFrame:
     """Every MoE block of the transformers `model`, every backend: transformers' block running its own backend
     vs `moelab.SparseMoE` with the block's weights running moelab's, on the same input, outside any inspection.
@@ -48,12 +51,10 @@ def compare_with_transformers(model, hidden_states: torch.Tensor | None = None, 
     return pd.DataFrame(rows)
 
 
-def parity_table(families=tuple(FAMILIES), dtypes=("float32", "bfloat16"), backends=MOELAB_BACKENDS, *,
+def parity_table(families=tuple(FAMILIES), dtypes=("float32", "bfloat16"), backends=NAMESAKE_BACKENDS, *,
                  num_tokens: int = 64, seed: int = 0, **model_kwargs) -> pd.DataFrame:
     """`compare_with_transformers` on a `tiny_model(family, dtype=dtype, seed=seed, **model_kwargs)` of each family
     and dtype: one row per (family, backend, dtype) with the largest difference over the model's layers."""
-    from .models import tiny_model
-
     frames = []
     for family in families:
         for dtype in dtypes:
@@ -66,11 +67,9 @@ def parity_table(families=tuple(FAMILIES), dtypes=("float32", "bfloat16"), backe
 
 
 @torch.no_grad()
-def inspect_each_backend(model, *args, backends=MOELAB_BACKENDS, **kwargs) -> dict:
+def inspect_each_backend(model, *args, backends=NAMESAKE_BACKENDS, **kwargs) -> dict:
     """{backend: Trace} of `model(*args, **kwargs)` run once per backend under `moelab.inspect`, the model switched
     to that backend first (`model.set_experts_implementation`); its experts implementation is restored after."""
-    from ..inspect import inspect
-
     before = model.get_experts_implementation()
     traces = {}
     try:
@@ -123,11 +122,9 @@ def tokens_per_expert_by_layer(trace, stage: str | None = "any") -> pd.DataFrame
 
 def plot_tokens_per_expert_by_layer(trace, stage: str | None = "any", *, ax=None):
     """Heatmap layers x experts of `tokens_per_expert_by_layer`, each cell annotated with its count."""
-    from matplotlib.figure import Figure
-
     frame = tokens_per_expert_by_layer(trace, stage)
     if ax is None:
-        fig = Figure(figsize=(1.0 + 0.55 * frame.shape[1], 1.2 + 0.45 * frame.shape[0]), layout="constrained")
+        fig = new_figure(figsize=(1.0 + 0.55 * frame.shape[1], 1.2 + 0.45 * frame.shape[0]))
         ax = fig.add_subplot()
     image = ax.imshow(frame.to_numpy(), aspect="auto", cmap="Blues", vmin=0, interpolation="nearest")
     ax.figure.colorbar(image, ax=ax, label="pairs routed (count)")

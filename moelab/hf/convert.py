@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..activations import ACTIVATIONS
-from ..config import MoEConfig
-from ..experts import Experts
-from ..moe import SparseMoE
+from ..core.activations import ACTIVATIONS
+from ..core.config import MoEConfig
+from ..layer.experts import Experts
+from ..layer.moe import SparseMoE
 from ._require import experts_registry, require_transformers
 
 __all__ = ["FAMILIES", "family_of", "moe_config_from_block", "from_transformers", "to_transformers",
@@ -86,7 +86,7 @@ _MOELAB_TO_HF = {"router.weight": "gate.weight"}
 _HF_TO_MOELAB = {v: k for k, v in _MOELAB_TO_HF.items()}
 
 
-def _family(name: str) -> Family:
+def family_spec(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; moelab converts {sorted(FAMILIES)}")
     return FAMILIES[name]
@@ -125,7 +125,7 @@ def _hidden_act_of(module: nn.Module) -> str:
 
 def moe_config_from_block(block: nn.Module) -> MoEConfig:
     """The `MoEConfig` of a transformers MoE block: sizes from its weights, the router's choices from the family."""
-    family = _family(family_of(block))
+    family = family_spec(family_of(block))
     num_experts, two_i, hidden_size = block.experts.gate_up_proj.shape
     shared = 0
     if family.shared_expert:
@@ -172,7 +172,7 @@ def transformers_config(config: MoEConfig, family: str | None = None, **kwargs):
     `family` defaults to the one `config` describes (shared expert: `qwen2_moe`; float32 top_k_weights: `mixtral`;
     else `olmoe`); `kwargs` go to the config (e.g. `experts_implementation="batched_mm"`, `num_hidden_layers=2`).
     """
-    family = _family(family or _default_family(config))
+    family = family_spec(family or _default_family(config))
     _check_same_function(config, family)
     fields = {"hidden_size": config.hidden_size, family.intermediate_key: config.intermediate_size,
               family.num_experts_key: config.num_experts, "num_experts_per_tok": config.top_k,
@@ -233,7 +233,7 @@ def to_transformers(moe: SparseMoE, family: str | None = None, *, experts_implem
     if not isinstance(moe, SparseMoE):
         raise ValueError(f"to_transformers takes a moelab.SparseMoE, got {type(moe).__name__}")
     config = transformers_config(moe.config, family, experts_implementation=experts_implementation, **config_kwargs)
-    block_class = _family(family or _default_family(moe.config)).classes()[0]
+    block_class = family_spec(family or _default_family(moe.config)).classes()[0]
     weight = moe.experts.gate_up_proj
     with torch.device("meta"):  # no allocation, no draw from the global RNG: every weight is overwritten below
         block = block_class(config)
@@ -261,7 +261,7 @@ def transformers_experts(moe: SparseMoE | Experts, backend: str = "grouped_mm", 
                            num_experts=moe.num_experts, top_k=1, hidden_act=act)
     else:
         raise ValueError(f"transformers_experts takes a moelab.SparseMoE or Experts, got {type(moe).__name__}")
-    family = _family(family or _default_family(config))
+    family = family_spec(family or _default_family(config))
     fields = {"hidden_size": config.hidden_size, family.intermediate_key: config.intermediate_size,
               family.num_experts_key: config.num_experts, "num_experts_per_tok": 1, "hidden_act": config.hidden_act,
               "experts_implementation": _check_backend(backend)}

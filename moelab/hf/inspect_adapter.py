@@ -25,15 +25,17 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..backends import ExpertsInterface as MoelabExpertsInterface
-from ..config import MoEConfig
-from ..stage import generation_stage
-from ..steps import record_step
+from ..core.config import MoEConfig
+from ..core.stage import generation_stage
+from ..core.steps import record_step
+from ..inspection import register_adapter
 from ._require import experts_registry, require_transformers, transformers_loaded
+from .convert import family_of, moe_config_from_block
 
-__all__ = ["HFMoELayer", "moelab_backends", "find_moe_layers", "is_transformers_model", "MOELAB_BACKENDS",
+__all__ = ["HFMoELayer", "moelab_backends", "find_moe_layers", "is_transformers_model", "NAMESAKE_BACKENDS",
            "registered_name", "summary_note", "inspection_context"]
 
-MOELAB_BACKENDS = ("eager", "batched_mm", "grouped_mm")  # transformers' backends that have a moelab namesake
+NAMESAKE_BACKENDS = ("eager", "batched_mm", "grouped_mm")  # transformers' backends with a moelab backend of that name
 _PREFIX = "moelab_"
 
 
@@ -133,8 +135,6 @@ def summary_note(layers: list[HFMoELayer]) -> str:
 
 
 def _block_config(block: nn.Module) -> MoEConfig | None:
-    from .convert import family_of, moe_config_from_block
-
     try:
         family_of(block)
     except ValueError:
@@ -173,7 +173,7 @@ def _make_adapter(backend: str):
 
 
 # one function per backend for the whole process: nested inspections recognise them by identity
-_ADAPTERS = {name: _make_adapter(name) for name in MOELAB_BACKENDS}
+_ADAPTERS = {name: _make_adapter(name) for name in NAMESAKE_BACKENDS}
 
 
 @contextlib.contextmanager
@@ -280,9 +280,9 @@ def moelab_backends(model: nn.Module, *, publish_stages: bool = True):
         users = [layer for layer in layers if layer.experts.config is configs[key]]
         if not users:
             continue  # a sub-model without MoE layers keeps its setting
-        if implementation not in MOELAB_BACKENDS:
+        if implementation not in NAMESAKE_BACKENDS:
             raise ValueError(f"{users[0].name} runs transformers' {implementation!r} experts backend, which moelab "
-                             f"cannot show: moelab has {list(MOELAB_BACKENDS)}. Switch first, e.g. "
+                             f"cannot show: moelab has {list(NAMESAKE_BACKENDS)}. Switch first, e.g. "
                              f"model.set_experts_implementation('grouped_mm')")
         requested[key] = registered_name(implementation)
         for layer in users:
@@ -319,3 +319,19 @@ def moelab_backends(model: nn.Module, *, publish_stages: bool = True):
         _ACTIVE[id(model)] = layers
         stack.callback(_ACTIVE.pop, id(model))
         yield layers
+
+
+@contextlib.contextmanager
+def _inspection_session(context):
+    with context as layers:
+        yield layers, summary_note(layers)
+
+
+def inspection_adapter(module: nn.Module):
+    """The adapter `moelab.inspection` calls: None unless `module` is a transformers model (see
+    `moelab.inspection.adapters`); registered when `moelab.hf` is imported (which `import moelab` does)."""
+    context = inspection_context(module)
+    return None if context is None else _inspection_session(context)
+
+
+register_adapter("transformers", inspection_adapter)

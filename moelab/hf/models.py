@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..compare import parse_dtype
-from ..config import MoEConfig
-from .convert import _family, transformers_config
+from ..core.dtypes import parse_dtype
+from ..core.config import MoEConfig
+from .convert import family_spec, transformers_config
 
 __all__ = ["tiny_model"]
 
@@ -21,12 +21,12 @@ def tiny_model(family: str = "olmoe", *, hidden_size: int = 32, intermediate_siz
     ties; the global RNG is left as it was). `shared_expert_intermediate_size` is used by `qwen2_moe` only;
     `norm_topk_prob` by `olmoe` and `qwen2_moe` (Mixtral always renormalises). Token ids 0, 1, 2 are pad, bos, eos.
     """
-    family_spec = _family(family)
+    spec = family_spec(family)
     config = MoEConfig(hidden_size=hidden_size, intermediate_size=intermediate_size, num_experts=num_experts,
-                       top_k=top_k, norm_topk_prob=True if family_spec.renormalises else norm_topk_prob,
+                       top_k=top_k, norm_topk_prob=True if spec.renormalises else norm_topk_prob,
                        initializer_range=hidden_size ** -0.5,
-                       shared_expert_intermediate_size=shared_expert_intermediate_size if family_spec.shared_expert
-                       else 0, top_k_weights_float32=family_spec.top_k_weights_float32)
+                       shared_expert_intermediate_size=shared_expert_intermediate_size if spec.shared_expert
+                       else 0, top_k_weights_float32=spec.top_k_weights_float32)
     extra = {"intermediate_size": intermediate_size} if family == "qwen2_moe" else {}  # its dense MLP layers
     hf_config = transformers_config(
         config, family, vocab_size=vocab_size, num_hidden_layers=num_layers, num_attention_heads=num_attention_heads,
@@ -34,7 +34,7 @@ def tiny_model(family: str = "olmoe", *, hidden_size: int = 32, intermediate_siz
         eos_token_id=2, experts_implementation=experts_implementation, **extra)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # transformers' own init draws from the global RNG: keep it unchanged
-        model = family_spec.causal_lm_class()(hf_config).eval()
+        model = spec.causal_lm_class()(hf_config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:

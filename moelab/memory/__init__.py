@@ -5,16 +5,21 @@ as a formula of `(T, k, E, H, I, b)` (`b` = bytes per element of `dtype`), and w
 find the analytic peak. `measure(fn)` runs `fn()` and reports the peak of the *extra* memory it took. One concept
 a module: `records` (what `analytic` returns, `format_bytes`), `timeline` (the walk over allocations and frees),
 `formulas` (each backend's steps, and the liveness model in its docstring), `estimate` (`analytic`,
-`peak_bytes`), `measurement` (`measure`, `compare`).
+`peak_bytes`), `measurement` (`measure`, `compare`), `plots` (`plot_memory`, `plot_duplication`).
+
+Imports `moelab.core`, `moelab.backends` (to model the path a call takes) and `moelab.layer` (to measure a
+`SparseMoE`); never inspection, models, bench, hf or widgets.
 """
 
-from .estimate import BACKENDS, analytic, peak_bytes
+from .estimate import BACKENDS, MODELLED_BACKENDS, analytic, peak_bytes
 from .measurement import MemoryMeasurement, compare, measure
 from .measurement import quiet_stderr as quiet_stderr
+from .plots import plot_duplication, plot_memory
 from .records import Intermediate, MemoryEstimate, StepMemory, format_bytes
 
 # quiet_stderr stays out of __all__, as before the split: it is re-exported for moelab.widgets
 __all__ = [
     "Intermediate", "StepMemory", "MemoryEstimate", "MemoryMeasurement", "BACKENDS",
-    "analytic", "peak_bytes", "measure", "compare", "format_bytes",
+    "MODELLED_BACKENDS", "analytic", "peak_bytes", "measure", "compare", "format_bytes", "plot_memory",
+    "plot_duplication",
 ]

@@ -10,10 +10,12 @@ from collections.abc import Sequence
 import torch
 
 from .formulas import _batched_mm, _eager, _grouped_mm, _route, _shared_expert
-from .records import MemoryEstimate, _dtype
+from ..core.dtypes import parse_dtype
+from .records import MemoryEstimate
 from .timeline import _Timeline
 
-BACKENDS = ("eager", "batched_mm", "grouped_mm")  # the backends with a memory model
+MODELLED_BACKENDS = ("eager", "batched_mm", "grouped_mm")  # the backends with a memory model (formulas.py)
+BACKENDS = MODELLED_BACKENDS  # its public name since moelab 0.1
 
 
 def _sizes(config) -> tuple[int, int, int, int, bool, bool, int]:
@@ -47,12 +49,12 @@ def analytic(config, num_tokens: int, backend: str, dtype=torch.float32, *,
     num_experts, hidden, inter, top_k, norm_topk_prob, weights_float32, shared = _sizes(config)
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
         raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-    dtype = _dtype(dtype)
+    dtype = parse_dtype(dtype)
     requested = None
     if backend == "auto":  # the backend `auto` would pick for these T*k pairs (its crossover table decides)
         requested, backend = backend, _auto_choice(num_tokens * top_k, dtype, device, num_experts)
-    if backend not in BACKENDS:
-        raise ValueError(f"no memory model for experts backend {backend!r}; models exist for {list(BACKENDS)} "
+    if backend not in MODELLED_BACKENDS:
+        raise ValueError(f"no memory model for experts backend {backend!r}; models exist for {list(MODELLED_BACKENDS)} "
                          "and 'auto'")
     itemsize = dtype.itemsize
     sizes = {"T": num_tokens, "k": top_k, "E": num_experts, "H": hidden, "I": inter, "b": itemsize}
@@ -112,7 +114,7 @@ def _auto_choice(pairs: int, dtype: torch.dtype, device, num_experts: int) -> st
 def _workspace_fits(nbytes_each: list[int]) -> bool:
     """The backend's own rule for taking buffers from the workspace (False if there is none)."""
     try:
-        from ..backends import workspace
+        from ..backends.cpu import workspace
     except ImportError:  # pragma: no cover - a moelab without the workspace
         return False
     return workspace.fits(nbytes_each)
@@ -121,7 +123,7 @@ def _workspace_fits(nbytes_each: list[int]) -> bool:
 def _act_in_place(hidden_act: str) -> bool:
     """Whether grouped_mm's lean path applies this activation in place (its own table decides)."""
     try:
-        from ..activations import get_activation
+        from ..core.activations import get_activation
         from ..backends.grouped_mm import _INPLACE_ACT
     except ImportError:  # pragma: no cover - a grouped_mm without in-place activations
         return False

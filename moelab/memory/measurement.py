@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from .estimate import BACKENDS, analytic
-from .records import _dtype, format_bytes
+from ..core.dtypes import parse_dtype
+from .records import format_bytes
 
 
 @dataclass
@@ -129,9 +130,9 @@ def compare(config, num_tokens: int, dtype=torch.float32, backends: Sequence[str
     """
     import pandas as pd
 
-    from ..moe import SparseMoE
+    from ..layer.moe import SparseMoE
 
-    dtype = _dtype(dtype)
+    dtype = parse_dtype(dtype)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_tokens, config.hidden_size, generator=generator).to(dtype)
     rows = []

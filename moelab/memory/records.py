@@ -21,17 +21,6 @@ def format_bytes(num_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; pass a torch.dtype such as torch.float32")
-        return resolved
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be a torch.dtype or its name, got {type(dtype).__name__} {dtype!r}")
-    return dtype
-
-
 @dataclass(frozen=True)
 class Intermediate:
     """One tensor a backend makes during a call.

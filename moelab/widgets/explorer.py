@@ -16,7 +16,7 @@ import pandas as pd
 from IPython.display import HTML
 from matplotlib.figure import Figure
 
-from ..config import MoEConfig
+from ..core.config import MoEConfig
 from ..memory import format_bytes
 from . import sweeps
 from ._shared import BACKENDS, _png, _show

@@ -44,7 +44,7 @@ class TraceStepper:
         self._retrace()
 
     def _retrace(self) -> None:
-        from ..inspect import inspect
+        from ..inspection.trace import inspect
 
         self.moe.set_experts_implementation(self.backend.value)
         with torch.no_grad(), inspect(self.moe) as trace:
@@ -98,7 +98,7 @@ def _plot_gathered(step, num_tokens: int, ax) -> None:
 def step_figure(step, call) -> Figure | None:
     """The picture of one step: the trace's own plots where one fits the step, else the step's first small tensor
     as an image (2D) or bars (1D)."""
-    from .. import inspect_plots as P
+    from ..inspection import plots as P
 
     fig = Figure(figsize=(7, 3.2), layout="constrained")
     ax = fig.add_subplot()

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 import torch
 
-from ..compare import parse_dtype
-from ..config import MoEConfig
+from ..core.dtypes import parse_dtype
+from ..core.config import MoEConfig
 from ..memory import BACKENDS as MODELLED
 from ..memory import analytic, format_bytes, quiet_stderr
 
@@ -40,7 +40,7 @@ def probed_peak_bytes(config: MoEConfig, num_tokens: int, backend: str, dtype, p
     """For a backend without a memory model (your own): measure one call at `probe_tokens` tokens and scale it
     linearly to `num_tokens`. A linear guess: a backend whose memory grows faster than T is underestimated."""
     from ..memory import measure
-    from ..moe import SparseMoE
+    from ..layer.moe import SparseMoE
 
     torch_dtype = parse_dtype(dtype)
     t0 = max(1, min(num_tokens, probe_tokens))
@@ -176,7 +176,7 @@ def local_sweep(config: MoEConfig, batch_size: int, seq_lens: Sequence[int], bac
     peak_bytes (analytic, or probed for a backend without a memory model: see `peak_estimate`),
     max_abs_diff_to_eager.
     """
-    from ..moe import SparseMoE
+    from ..layer.moe import SparseMoE
 
     torch_dtype = parse_dtype(dtype)
     inputs, references = {}, {}

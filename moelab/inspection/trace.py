@@ -21,29 +21,25 @@ the step is emitted, with the backend's own tensors: editing one in place change
 Compiled code records nothing: `record_step` is a no-op while `torch.compile` traces, and hooks would break the
 graph, so compiled modules are not hooked and a warning says so.
 
-Where things live: `Trace` and `inspect` here; the records `Call` and `Step` in `moelab.trace_records`; the hooks
-and recorder (`Trace`'s base `Recording`, `InspectionWarning`) in `moelab.trace_recording`; text and HTML in
-`moelab.trace_render`; bytes per step and the analytic model beside them in `moelab.trace_memory`. Import the
-public names from here.
+Where things live (all in `moelab.inspection`): `Trace` and `inspect` here; the records `Call` and `Step` in
+`records`; the hooks and step callback (the `Recorder` a Trace owns, `InspectionWarning`) in `recorder`; text and
+HTML in `render`; bytes per step and the analytic model beside them in `accounting`; pictures in `plots`.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Self
 
+import pandas as pd
 from torch import nn
 
-from .trace_memory import memory_frame
-from .trace_recording import InspectionWarning, Recording
-from .trace_records import Call, Step
-from .trace_render import (
-    _stage_label,
-    _tensor_list,
-    calls_html,
-    trace_summary,
-    trace_text,
-)
+from ..core.stage import stage_label
+from .accounting import memory_frame
+from .plots import plot_trace
+from .recorder import InspectionWarning, Recorder
+from .records import Call, Step
+from .render import calls_html, tensor_list, trace_summary, trace_text
 
 __all__ = ["inspect", "Trace", "Call", "Step", "InspectionWarning", "StepCallback"]
 
@@ -69,12 +65,12 @@ class _Subscription:
 # ---------------------------------------------------------------------------------------------------- the trace
 
 
-class Trace(Recording):
+class Trace:
     """The record of an inspection; also the context manager `inspect()` returns (`with ... as trace`).
 
     calls: list of `Call`; steps: all steps of all calls in order; `trace["sort"]` the one step of that name
     (LookupError naming the calls if several: use `find` or `calls[i]["sort"]`); unattributed: how many steps were
-    emitted outside the inspected layers (not kept). Entering, hooking and recording: its base `Recording`.
+    emitted outside the inspected layers (not kept). Hooking and recording: the `Recorder` it owns.
     """
 
     def __init__(self, module: nn.Module, *, on: dict[str, StepCallback | list[StepCallback]] | None = None,
@@ -87,17 +83,33 @@ class Trace(Recording):
         self.calls: list[Call] = []
         self.unattributed = 0
         self._callbacks: dict[str, list[StepCallback]] = {}
-        self._handles: list = []
-        self._stacks: dict[int, list[list]] = {}  # thread id -> open layers [module, Call, seen storages]
-        self._active = False
-        self._seen_names: set[str] = set()
-        self._recorder = None
         self.notes: list[str] = []  # what the trace should say about how it was made (e.g. moelab.hf)
-        self._external: dict[int, Any] = {}  # id(block) -> moelab.hf layer, for a transformers model
-        self._external_context = None
+        self._recorder = Recorder(self)
         for name, fns in (on or {}).items():
             for fn in (fns if isinstance(fns, (list, tuple)) else [fns]):
                 self.subscribe(name, fn)
+
+    # -- recording ----------------------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """True while the `with` block runs."""
+        return self._recorder.active
+
+    def __enter__(self) -> Self:
+        self._recorder.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._recorder.stop(exc_type, exc, tb)
+
+    def callbacks_for(self, name: str) -> list[StepCallback]:
+        """The callbacks a step called `name` runs: those subscribed to `name`, then those subscribed to "*"."""
+        return [*self._callbacks.get(name, ()), *self._callbacks.get("*", ())]
+
+    def subscribed_names(self) -> list[str]:
+        """The step names (not "*") that have a callback."""
+        return [name for name, fns in self._callbacks.items() if name != "*" and fns]
 
     # -- subscription ------------------------------------------------------------------------------------------
 
@@ -135,7 +147,7 @@ class Trace(Recording):
         if not found:
             raise KeyError(f"no step {name!r} in this trace; steps recorded: "
                            f"{list(dict.fromkeys(s.name for s in self.steps))}")
-        where = ", ".join(f"call {s.call} ({s.layer}, {_stage_label(s.stage, s.decode_step)}) step {s.index}"
+        where = ", ".join(f"call {s.call} ({s.layer}, {stage_label(s.stage, s.decode_step)}) step {s.index}"
                           for s in found[:8]) + (f", ... {len(found) - 8} more" if len(found) > 8 else "")
         raise LookupError(f"{len(found)} steps are named {name!r}: {where}. Pick one with "
                           f"trace.calls[i][{name!r}] or trace.find({name!r}, layer=..., stage=...)")
@@ -148,15 +160,13 @@ class Trace(Recording):
 
     def to_frame(self, per: str = "step"):
         """A pandas table: one row per step (`per="step"`) or per recorded tensor (`per="tensor"`)."""
-        import pandas as pd
-
         base = ["call", "layer", "stage", "decode_step", "backend", "index", "step"]
         rows = []
         for s in self.steps:
             common = {"call": s.call, "layer": s.layer, "stage": s.stage, "decode_step": s.decode_step,
                       "backend": s.backend, "index": s.index, "step": s.name}
             if per == "step":
-                rows.append({**common, "explanation": s.explanation, "tensors": _tensor_list(s, limit=99),
+                rows.append({**common, "explanation": s.explanation, "tensors": tensor_list(s, limit=99),
                              "bytes": s.nbytes, "new_bytes": s.new_bytes, "derived": ", ".join(sorted(s.derived)),
                              "info": ", ".join(f"{k}={v}" for k, v in s.info.items())})
             elif per == "tensor":
@@ -184,9 +194,7 @@ class Trace(Recording):
 
     def plot(self, call: int = 0):
         """One figure for call `call`: routing heatmap, tokens per expert, the permutation (grouped_mm) and
-        memory per step. See `moelab.inspect_plots` for each panel alone."""
-        from .inspect_plots import plot_trace
-
+        memory per step. See `moelab.inspection.plots` for each panel alone."""
         return plot_trace(self, call=call)
 
     # -- display -----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .backends import ExpertsInterface
+from ..core.registry import ExpertsInterface
 
 DEFAULT_EXPERTS_IMPLEMENTATION = "grouped_mm"
 

@@ -37,3 +37,16 @@ def generation_stage(name: str, decode_step: int | None = None):
         yield _current_stage.get()
     finally:
         _current_stage.reset(token)
+
+
+def stage_label(stage: Stage | str | None, decode_step: int | None = None) -> str:
+    """The one name of a stage, in traces, `generate()`'s `backends_used` and the notebooks.
+
+    None (a plain forward, outside `generate()`) -> "forward"; "prefill" -> "prefill"; "decode" with step 3 ->
+    "decode 3". Takes a `Stage` or its `name` and `decode_step` separately (as a trace's `Call` stores them).
+    """
+    if isinstance(stage, Stage):
+        stage, decode_step = stage.name, stage.decode_step
+    if stage is None:
+        return "forward"
+    return f"{stage} {decode_step}" if stage == "decode" and decode_step is not None else stage

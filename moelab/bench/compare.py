@@ -6,21 +6,10 @@ import pandas as pd
 import torch
 import torch.utils.benchmark as benchmark
 
-from .backends import ExpertsInterface
-from .config import MoEConfig
-from .moe import SparseMoE
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    """'bfloat16' or torch.bfloat16 -> torch.bfloat16; ValueError naming the valid names otherwise."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-
+from ..core.registry import ExpertsInterface
+from ..core.config import MoEConfig
+from ..core.dtypes import parse_dtype
+from ..layer.moe import SparseMoE
 
 def compare_backends(config: MoEConfig, num_tokens: int = 128, dtype="float32", backends=None, seed: int = 0,
                      min_run_time: float = 0.2, num_threads: int = 1) -> pd.DataFrame:

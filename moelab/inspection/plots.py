@@ -1,57 +1,27 @@
-"""Pictures of a trace: routing, tokens per expert, grouped_mm's permutation, memory per step, duplication vs T.
+"""Pictures of a trace: routing, tokens per expert, grouped_mm's permutation, and all of it in one `plot_trace`
+(memory per step is `moelab.memory.plot_memory`, which takes a trace too).
 
 Every function draws with matplotlib (headless-safe: nothing here picks a backend or calls `show`), labels its
-axes with units, and returns its Figure, which a notebook shows as the cell's value (`fig.savefig(...)` elsewhere). Functions that take a trace accept a `Trace`, a `Call` or a list of
-`MemoryEstimate`s where it makes sense; `call=` picks the MoE call of a trace (default: the first).
+axes with units, and returns its Figure, which a notebook shows as the cell's value (`fig.savefig(...)` elsewhere). Functions take a `Trace` or a `Call`; `call=` picks the MoE call of a trace (default: the first).
 """
 
 from __future__ import annotations
 
-import io
-from typing import Sequence
-
 import numpy as np
 import torch
-from matplotlib.figure import Figure
+from matplotlib.collections import LineCollection
 
-from .memory import BACKENDS, MemoryEstimate, analytic, format_bytes
+from ..core.stage import stage_label
+from ..memory.plots import MIB, new_axes, new_figure, plot_memory
+from .records import Call
 
-__all__ = ["plot_routing", "plot_tokens_per_expert", "plot_permutation", "plot_memory", "plot_duplication",
-           "plot_trace"]
-
-_MIB = 2 ** 20
-
-
-class NotebookFigure(Figure):
-    """A matplotlib Figure outside pyplot (no global figure list, no GUI, no double display in Jupyter) that still
-    shows itself as a PNG when it is a notebook cell's value, even in a kernel that never imported pyplot."""
-
-    def __repr__(self) -> str:
-        return super().__repr__().replace(type(self).__name__, "Figure", 1)  # as any Figure prints
-
-    def _repr_png_(self) -> bytes:
-        buffer = io.BytesIO()
-        self.savefig(buffer, format="png", dpi=80)
-        return buffer.getvalue()
-
-
-def _figure(**kwargs) -> NotebookFigure:
-    return NotebookFigure(layout="constrained", **kwargs)
-
-
-def _new_axes(ax, figsize=(6.4, 4.0)):
-    if ax is not None:
-        return ax.figure, ax
-    fig = _figure(figsize=figsize)
-    return fig, fig.add_subplot()
+__all__ = ["plot_routing", "plot_tokens_per_expert", "plot_permutation", "plot_trace"]
 
 
 def _call(source, call: int):
-    from .inspect import Call, Trace
-
     if isinstance(source, Call):
         return source
-    if isinstance(source, Trace):
+    if hasattr(source, "calls"):  # a Trace
         if not source.calls:
             raise ValueError("the trace recorded no MoE call: run the module inside the `with moelab.inspect(...)` "
                              "block")
@@ -73,9 +43,7 @@ def _step(call, name: str, why: str):
 
 
 def _title(call) -> str:
-    from .inspect import _stage_label
-
-    return f"{call.layer} · {_stage_label(call.stage, call.decode_step)} · {call.backend}"
+    return f"{call.layer} · {stage_label(call.stage, call.decode_step)} · {call.backend}"
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -102,7 +70,7 @@ def plot_routing(source, call: int = 0, *, what: str = "weights", ax=None):
         label = "router probability (softmax)"
     else:
         raise ValueError(f"what must be 'weights' or 'probs', got {what!r}")
-    fig, ax = _new_axes(ax, figsize=(5.0, 5.5))
+    fig, ax = new_axes(ax, figsize=(5.0, 5.5))
     image = ax.imshow(dense.numpy(), aspect="auto", cmap="Blues", vmin=0.0, interpolation="nearest")
     fig.colorbar(image, ax=ax, label=label)
     ax.set_xlabel("expert (id)")
@@ -130,7 +98,7 @@ def plot_tokens_per_expert(source, call: int = 0, *, ax=None):
     """One bar per expert: how many (token, expert) pairs it got; the dashed line is perfect balance T*k/E."""
     c = _call(source, call)
     counts = _tokens_per_expert(c)
-    fig, ax = _new_axes(ax)
+    fig, ax = new_axes(ax)
     ax.bar(np.arange(len(counts)), counts, color="tab:blue", label="pairs routed")
     ax.axhline(counts.sum() / len(counts), color="tab:red", linestyle="--", label=f"balanced: T*k/E = "
                f"{counts.sum() / len(counts):.3g}")
@@ -155,13 +123,11 @@ def plot_permutation(source, call: int = 0, *, ax=None, max_lines: int = 256):
     before[perm] = after  # pair perm[j] (token order) went to position j
     num_pairs, num_experts = len(perm), len(offsets)
     cmap = "tab10" if num_experts <= 10 else ("tab20" if num_experts <= 20 else "viridis")
-    fig, ax = _new_axes(ax, figsize=(max(6.4, min(16.0, num_pairs / 8)), 3.6))
+    fig, ax = new_axes(ax, figsize=(max(6.4, min(16.0, num_pairs / 8)), 3.6))
     extent = dict(aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest")
     image = ax.imshow(before[None, :], extent=(-0.5, num_pairs - 0.5, 1.6, 2.4), **extent)
     ax.imshow(after[None, :], extent=(-0.5, num_pairs - 0.5, -0.4, 0.4), **extent)
     if num_pairs <= max_lines:
-        from matplotlib.collections import LineCollection
-
         segments = [((p, 1.6), (j, 0.4)) for j, p in enumerate(perm)]
         ax.add_collection(LineCollection(segments, colors="0.4", linewidths=0.6, alpha=0.7))
     ax.vlines(offsets - 0.5, -0.55, 0.55, colors="red", linewidth=1.5)
@@ -176,93 +142,6 @@ def plot_permutation(source, call: int = 0, *, ax=None, max_lines: int = 256):
     return fig
 
 
-def _estimates(source, num_tokens, dtype, backends) -> list[MemoryEstimate]:
-    from .inspect import Call, Trace
-
-    if isinstance(source, MemoryEstimate):
-        return [source]
-    if isinstance(source, (Trace, Call)):
-        calls = [source] if isinstance(source, Call) else source.calls
-        seen, out = set(), []
-        for c in calls:
-            estimate = c.memory_estimate()
-            if estimate is not None and c.backend not in seen:
-                seen.add(c.backend)
-                out.append(estimate)
-        if not out:
-            raise ValueError("no call of this trace has a memory model (backends with one: "
-                             f"{list(BACKENDS)})")
-        return out
-    if isinstance(source, (list, tuple)) and source and all(isinstance(e, MemoryEstimate) for e in source):
-        return list(source)
-    if hasattr(source, "num_experts"):
-        if num_tokens is None:
-            raise ValueError("plot_memory(config, ...) needs num_tokens")
-        return [analytic(source, num_tokens, b, dtype) for b in backends]
-    raise TypeError("plot_memory takes a MoEConfig (with num_tokens), a MemoryEstimate, a list of them, "
-                    f"a Trace or a Call; got {type(source).__name__}")
-
-
-def plot_memory(source, num_tokens: int | None = None, dtype=torch.float32, *, backends: Sequence[str] = BACKENDS,
-                axes=None):
-    """Analytic live memory after each step, one panel per backend (each with its own scale): bars = bytes live at
-    the end of the step, dots = the highest inside it, dashed line = the call's peak."""
-    estimates = _estimates(source, num_tokens, dtype, backends)
-    if axes is None:
-        fig = _figure(figsize=(4.2 * len(estimates), 3.8))
-        axes = fig.subplots(1, len(estimates), squeeze=False)[0]
-    else:
-        axes = np.atleast_1d(axes)
-        fig = axes[0].figure
-    for ax, est in zip(axes, estimates):
-        labels = [s.step if s.step != "expert" else s.detail.split(",")[0].replace("expert_id=", "expert ")
-                  for s in est.steps]
-        x = np.arange(len(labels))
-        live = np.array([s.live_bytes for s in est.steps]) / _MIB
-        peak = np.array([s.peak_bytes for s in est.steps]) / _MIB
-        ax.bar(x, live, color="tab:blue", label="live at end of step")
-        ax.plot(x, peak, "o", color="tab:orange", markersize=4, label="highest inside step")
-        ax.axhline(est.peak_bytes / _MIB, color="tab:red", linestyle="--", linewidth=1,
-                   label=f"peak {format_bytes(est.peak_bytes)}")
-        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize="small")
-        ax.set_ylabel("live memory (MiB)")
-        ax.set_xlabel("step")
-        s = est.sizes
-        path = "" if est.path == "plain" else f" ({est.path} path)"
-        ax.set_title(f"{est.backend}, T={s['T']}{path}", fontsize="medium")
-        ax.legend(fontsize="x-small", loc="upper left")
-    return fig
-
-
-def plot_duplication(config, token_counts: Sequence[int] | None = None, dtype=torch.float32, *,
-                     measured: dict[int, int] | None = None, ax=None):
-    """batched_mm's duplication factor vs tokens: bytes of the per-pair weight copies over the layer's own expert
-    weights (= T*k/E), on log axes; `measured`: {T: duplicated bytes} from traces, drawn as points."""
-    if token_counts is None:
-        token_counts = [2 ** i for i in range(0, 13)]
-    token_counts = sorted(int(t) for t in token_counts)
-    estimates = [analytic(config, t, "batched_mm", dtype) for t in token_counts]
-    factors = np.array([e.duplication_factor for e in estimates])
-    fig, ax = _new_axes(ax)
-    ax.plot(token_counts, factors, "-o", color="tab:blue", markersize=3, label="analytic: T*k/E")
-    ax.axhline(1.0, color="0.5", linestyle=":", label="copies = the layer's expert weights")
-    if measured:
-        weight_bytes = estimates[0].weight_bytes
-        ts = sorted(measured)
-        ax.plot(ts, [measured[t] / weight_bytes for t in ts], "s", color="tab:red", label="recorded in traces")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("tokens T (count)")
-    ax.set_ylabel("duplicated weight bytes / expert weight bytes (x)")
-    weight = estimates[0].weight_bytes
-    secondary = ax.secondary_yaxis("right", functions=(lambda f: f * weight / _MIB, lambda m: m * _MIB / weight))
-    secondary.set_ylabel("duplicated weights (MiB)")
-    ax.set_title(f"batched_mm duplication: E={config.num_experts}, k={config.top_k}, "
-                 f"weights {format_bytes(weight)}", fontsize="medium")
-    ax.legend(fontsize="small")
-    return fig
-
-
 def _backend_view(c, ax) -> None:
     if c.find("sort"):
         plot_permutation(c, ax=ax)
@@ -270,7 +149,7 @@ def _backend_view(c, ax) -> None:
         step = _step(c, "gather_weights", "")
         copies = step.tensors["gate_up_weights"].nbytes + step.tensors["down_weights"].nbytes
         own = step.tensors["gate_up_proj"].nbytes + step.tensors["down_proj"].nbytes
-        ax.bar([0, 1], [own / _MIB, copies / _MIB], color=["tab:gray", "tab:red"])
+        ax.bar([0, 1], [own / MIB, copies / MIB], color=["tab:gray", "tab:red"])
         ax.set_xticks([0, 1], ["expert weights\n(gate_up_proj + down_proj)", "per-pair copies\n(gathered)"])
         ax.set_ylabel("bytes (MiB)")
         ax.set_title(f"batched_mm duplicates {copies / own:.3g}x the expert weights", fontsize="medium")
@@ -290,7 +169,7 @@ def plot_trace(trace, call: int = 0):
     """Four panels for one call: routing heatmap, tokens per expert, the backend's own view (grouped_mm: the
     permutation; batched_mm: the duplicated weights; eager: the expert mask), memory per step."""
     c = _call(trace, call)
-    fig = _figure(figsize=(13, 9))
+    fig = new_figure(figsize=(13, 9))
     axes = fig.subplots(2, 2)
     if c.find("route"):
         plot_routing(c, ax=axes[0, 0])

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .activations import get_activation
-from .config import MoEConfig
+from ..core.activations import get_activation
+from ..core.config import MoEConfig
 from .experts import Experts
 from .router import RouterOutput, TopKRouter
-from .steps import record_step
+from ..core.steps import record_step
 
 
 class SharedExpert(nn.Module):

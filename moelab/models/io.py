@@ -12,13 +12,26 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from ..core.dtypes import parse_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _META_KEYS = ("model_type", "dtype", "moelab_version")
+MODEL_TYPES: dict[str, type] = {}  # model_type (as written in config.json) -> model class; classes register here
+
+
+def package_version() -> str:
+    """moelab's installed version (from its package metadata, without importing the root package)."""
+    try:
+        return version("moelab")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -34,35 +47,17 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_pretrained(model, save_directory) -> Path:
     """Write `config.json` and `model.safetensors` into `save_directory` (created if needed); returns its path."""
-    from safetensors.torch import save_file
-
-    from . import __version__
-
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save_directory {directory} exists and is not a folder")
     directory.mkdir(parents=True, exist_ok=True)
     config = {"model_type": model.model_type, **model.config.to_dict(),
-              "dtype": str(model.dtype).removeprefix("torch."), "moelab_version": __version__}
+              "dtype": str(model.dtype).removeprefix("torch."), "moelab_version": package_version()}
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
     _atomic_write(directory / CONFIG_NAME,
                   lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     return directory
-
-
-def resolve_dtype(dtype, argument: str = "dtype") -> torch.dtype | None:
-    """None / "auto" -> None (keep the saved dtype); "bfloat16", "torch.float16", torch.float32 -> the dtype."""
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.removeprefix("torch."), None)
-    else:
-        resolved = dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"{argument} must be a floating torch.dtype, its name (e.g. 'bfloat16') or 'auto', "
-                         f"got {dtype!r}")
-    return resolved
 
 
 def _read_config(cls, config_path: Path):
@@ -78,8 +73,6 @@ def _read_config(cls, config_path: Path):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type != cls.model_type:
-        from .model import MODEL_TYPES
-
         hint = f"; load it with moelab.{MODEL_TYPES[model_type].__name__}" if model_type in MODEL_TYPES else ""
         raise ValueError(f"{config_path} has model_type {model_type!r}, but {cls.__name__} loads "
                          f"{cls.model_type!r}{hint}")
@@ -92,8 +85,6 @@ def _read_config(cls, config_path: Path):
 
 
 def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing: {weights_path.parent} is not a folder written by "
                                 f"save_pretrained")
@@ -136,7 +127,7 @@ def from_pretrained(cls, pretrained_model_path, experts_implementation: str | di
                                 f"save_pretrained (there is no hub download)")
     if not directory.is_dir():
         raise ValueError(f"{directory} is a file; pass the folder that save_pretrained wrote")
-    target_dtype = resolve_dtype(dtype)
+    target_dtype = parse_dtype(dtype, allow_auto=True)
     config = _read_config(cls, directory / CONFIG_NAME)
     weights_path = directory / WEIGHTS_NAME
     tensors = _read_weights(weights_path)
@@ -155,8 +146,6 @@ def from_pretrained(cls, pretrained_model_path, experts_implementation: str | di
 def load_pretrained(pretrained_model_path, experts_implementation: str | dict | None = None, *,
                     dtype: torch.dtype | str | None = None, device=None):
     """Load whichever moelab model a `save_pretrained` folder holds (chosen by its config's model_type)."""
-    from .model import MODEL_TYPES
-
     config_path = Path(pretrained_model_path) / CONFIG_NAME
     model_type = None
     try:

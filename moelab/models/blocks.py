@@ -1,21 +1,18 @@
 """The transformer pieces the models are built from: RMSNorm, rotary positions, the KV cache, attention, the
-pre-norm attention + SparseMoE block and the decoder stack of those blocks. `moelab.model` re-exports each class
-and function here, so `from moelab.model import RMSNorm` keeps working; dimension letters as in `moelab.model`.
+pre-norm attention + SparseMoE block and the decoder stack of those blocks. Dimension letters as declared in
+`moelab.core` (B batch, N new positions, L positions seen so far, H hidden, nh heads, hd head dim).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig
-from .moe import SparseMoE
+from ..core.config import MoEConfig
+from ..layer.moe import SparseMoE
+from .configs import MoEModelConfig
 
-if TYPE_CHECKING:  # model.py imports this module
-    from .model import MoEModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -33,15 +30,15 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """positions [S] -> cos, sin [S, hd]: the rotation angles of each position (RoPE, half-split layout)."""
+    """positions [N] -> cos, sin [N, hd]: the rotation angles of each position (RoPE, half-split layout)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [S, hd/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [S, hd]
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [N, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [N, hd]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, nh, S, hd] rotated by the angles of its positions."""
+    """x [B, nh, N, hd] rotated by the angles of its positions."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
@@ -60,7 +57,7 @@ class KVCache:
         return self.keys[0].shape[2] if self.keys else 0
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
-        """Append this forward's key, value [B, nh, S, hd]; returns the layer's full k, v [B, nh, L, hd]."""
+        """Append this forward's key, value [B, nh, N, hd]; returns the layer's full k, v [B, nh, L, hd]."""
         if layer_idx == len(self.keys):
             self.keys.append(key)
             self.values.append(value)
@@ -82,23 +79,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
     def forward(self, x, rotary=None, cache: KVCache | None = None, layer_idx: int = 0):
-        B, S, D = x.shape  # batch, new tokens, hidden
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
-        k = self.k_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
-        v = self.v_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
+        B, N, H = x.shape  # batch, new positions, hidden
+        q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, N, hd]
+        k = self.k_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, N, hd]
+        v = self.v_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, N, hd]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # [B, nh, L, hd]
         L = k.shape[2]
-        if not self.causal or S == 1:  # one new token may see every cached one
+        if not self.causal or N == 1:  # one new token may see every cached one
             out = F.scaled_dot_product_attention(q, k, v)
-        elif L == S:  # no past: the plain causal triangle
+        elif L == N:  # no past: the plain causal triangle
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # S new tokens after L - S cached ones: query i sits at position L - S + i
-            mask = torch.ones(S, L, dtype=torch.bool, device=x.device).tril(diagonal=L - S)
+        else:  # N new positions after L - N cached ones: query i sits at position L - N + i
+            mask = torch.ones(N, L, dtype=torch.bool, device=x.device).tril(diagonal=L - N)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, D))  # [B, S, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, N, H))  # [B, N, H]
 
 
 class MoEBlock(nn.Module):
@@ -113,8 +110,8 @@ class MoEBlock(nn.Module):
         self.moe = SparseMoE(moe_config, experts_implementation)
 
     def forward(self, x, rotary=None, cache: KVCache | None = None, layer_idx: int = 0):
-        x = x + self.attn(self.input_norm(x), rotary, cache, layer_idx)  # [B, S, D]
-        return x + self.moe(self.post_attention_norm(x))  # [B, S, D]
+        x = x + self.attn(self.input_norm(x), rotary, cache, layer_idx)  # [B, N, H]
+        return x + self.moe(self.post_attention_norm(x))  # [B, N, H]
 
 
 class MoEDecoder(nn.Module):
@@ -131,15 +128,15 @@ class MoEDecoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, inputs_embeds: torch.Tensor, past_key_values: KVCache | None = None) -> torch.Tensor:
-        """inputs_embeds [B, S, D] -> hidden states [B, S, D]; appends to `past_key_values` when given."""
-        S = inputs_embeds.shape[1]
+        """inputs_embeds [B, N, H] -> hidden states [B, N, H]; appends to `past_key_values` when given."""
+        N = inputs_embeds.shape[1]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past + S > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {past + S} (cached {past} + new {S}) exceeds "
+        if past + N > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {past + N} (cached {past} + new {N}) exceeds "
                              f"max_position_embeddings = {self.config.max_position_embeddings}")
-        positions = torch.arange(past, past + S, device=inputs_embeds.device)  # [S]
+        positions = torch.arange(past, past + N, device=inputs_embeds.device)  # [N]
         rotary = rotary_cos_sin(positions, self.config.hidden_size // self.config.num_attention_heads,
-                                self.config.rope_theta, inputs_embeds.dtype)  # cos, sin [S, hd]
+                                self.config.rope_theta, inputs_embeds.dtype)  # cos, sin [N, hd]
         x = inputs_embeds
         for layer_idx, layer in enumerate(self.layers):
             x = layer(x, rotary, past_key_values, layer_idx)

@@ -1,8 +1,8 @@
 """The records a trace is made of: a `Call` per MoE layer call, holding the `Step`s its backend emitted.
 
-Plain data with lookups (`call["sort"]`, `step["perm"]`) and pandas views; how they print lives in
-`moelab.trace_render`, their memory model in `moelab.trace_memory`, and how they are filled in `moelab.inspect`
-(import them from there: `from moelab.inspect import Step, Call`).
+Plain data with lookups (`call["sort"]`, `step["perm"]`) and pandas views; how they print lives in `render`, their
+memory model in `accounting`, and how they are filled in `recorder` (import them as `from moelab.inspection
+import Step, Call`).
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import torch
 
-from .memory import MemoryEstimate
-from .trace_memory import call_estimate
-from .trace_render import _describe, call_text, calls_html, step_html, step_text
+from ..memory import MemoryEstimate
+from .accounting import call_estimate
+from .render import describe, call_text, calls_html, step_html, step_text
 
 
 @dataclass(eq=False)
@@ -61,11 +62,9 @@ class Step:
 
     def to_frame(self):
         """A pandas table: one row per tensor (and context value) with shape, dtype, bytes and `derived`."""
-        import pandas as pd
-
         rows = []
         for key, value in [*self.tensors.items(), *self.info.items()]:
-            shape, dtype, nbytes = _describe(value)
+            shape, dtype, nbytes = describe(value)
             rows.append({"key": key, "shape": shape, "dtype": dtype, "bytes": nbytes, "derived": key in self.derived})
         return pd.DataFrame(rows, columns=["key", "shape", "dtype", "bytes", "derived"])
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activations import get_activation
-from .backends import ExpertsInterface
-from .config import MoEConfig
+from ..core.activations import get_activation
+from ..core.registry import ExpertsInterface
+from ..core.config import MoEConfig
 
 
 class Experts(nn.Module):

@@ -1,8 +1,8 @@
-"""How a trace records: the hooks and the step recorder that fill a `moelab.inspect.Trace` while its block runs.
+"""How a trace records: the `Recorder` a `Trace` owns, whose hooks and step callback fill it while its block runs.
 
-Entering the `with` block registers a recorder with `moelab.steps` and forward hooks on the MoE layers inside the
-inspected module (for a transformers model, after switching its experts to moelab's backends, see
-`moelab.hf.inspect_adapter`); a pre-hook opens a `Call` (one stack per thread, so an `Experts` inside an open
+Starting registers a step recorder with `moelab.core.steps` and forward hooks on the MoE layers inside the
+inspected module (for a model of another library, after its registered adapter prepared it, see
+`moelab.inspection.adapters`); a pre-hook opens a `Call` (one stack per thread, so an `Experts` inside an open
 `SparseMoE` call joins it), each step lands in the innermost open call, and the post-hook closes it. Exiting
 removes everything, also on error, then warns about what could not be seen (`InspectionWarning`).
 """
@@ -13,15 +13,18 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import Self
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import steps as _steps
-from .stage import current_stage
-from .trace_memory import _new_storage_bytes, _seed, _sizes_of
-from .trace_records import Call, Step
+from ..core import steps
+from ..core.stage import current_stage
+from ..layer.experts import Experts
+from ..layer.moe import SparseMoE
+from .accounting import layer_sizes, new_storage_bytes, seed_inputs
+from .adapters import adapter_context
+from .records import Call, Step
 
 
 class InspectionWarning(UserWarning):
@@ -29,9 +32,6 @@ class InspectionWarning(UserWarning):
 
 
 def _is_layer(module: nn.Module) -> bool:
-    from .experts import Experts
-    from .moe import SparseMoE
-
     return isinstance(module, (SparseMoE, Experts)) or hasattr(module, "experts_implementation")
 
 
@@ -53,18 +53,31 @@ def _backend_of(module: nn.Module) -> str | None:
     return getattr(module, "experts_implementation", None)
 
 
-class Recording:
-    """The recording half of `moelab.inspect.Trace` (its base class): `with trace:` records, then stops.
+class Recorder:
+    """Fills `trace` while started: hooks on its module's MoE layers and a step callback in `moelab.core.steps`.
 
-    Reads and fills the state `Trace.__init__` sets (module, keep_tensors, calls, unattributed, notes, and the
-    private hooks, per-thread stacks, callbacks and transformers context) and reads `Trace.steps`.
+    `Trace.__enter__` calls `start()`, `Trace.__exit__` calls `stop(...)`; the recorder writes `trace.calls`,
+    `trace.unattributed` and `trace.notes`, and runs the callbacks `trace.callbacks_for(name)` returns.
     """
+
+    def __init__(self, trace):
+        self.trace = trace
+        self.module = trace.module
+        self._handles: list = []
+        self._stacks: dict[int, list[list]] = {}  # thread id -> open layers [module, Call, seen storages]
+        self._active = False
+        self._seen_names: set[str] = set()
+        self._callback = None
+        self._external: dict[int, Any] = {}  # id(block) -> an adapter's layer, for a model of another library
+        self._external_context = None
+        self._handles_registered = False
+        self._first_call = 0
 
     @property
     def active(self) -> bool:
         return self._active
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         if self._active:
             raise RuntimeError("this trace is already recording; use a new moelab.inspect(...) block")
         compiled = [name or type(m).__name__ for name, m in self.module.named_modules() if _is_compiled(m)]
@@ -73,12 +86,12 @@ class Recording:
                 f"{', '.join(compiled)} is compiled with torch.compile: steps are not recorded under compilation "
                 "(record_step is a no-op while compiling, and inspection hooks would break the graph). Inspect "
                 "the uncompiled module to see the steps, e.g. moelab.inspect(compiled._orig_mod).",
-                InspectionWarning, stacklevel=2)
+                InspectionWarning, stacklevel=3)
         try:
             self._external = self._enter_external()
             self._hook(self.module, "", compiled_parent=False)
-            self._recorder = self._record
-            _steps.add_recorder(self._recorder)
+            self._callback = self._record
+            steps.add_recorder(self._callback)
         except BaseException:
             self._remove_hooks()
             self._exit_external(*sys.exc_info())
@@ -86,14 +99,13 @@ class Recording:
         self._handles_registered = bool(self._handles)
         if not self._handles and not compiled:
             warnings.warn(f"{type(self.module).__name__} contains no MoE layer (SparseMoE, Experts, or a module with "
-                          "an `experts_implementation`): nothing will be recorded", InspectionWarning, stacklevel=2)
+                          "an `experts_implementation`): nothing will be recorded", InspectionWarning, stacklevel=3)
         self._active = True
-        self._first_call = len(self.calls)
-        return self
+        self._first_call = len(self.trace.calls)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        _steps.remove_recorder(self._recorder)
-        self._recorder = None
+    def stop(self, exc_type=None, exc=None, tb=None) -> None:
+        steps.remove_recorder(self._callback)
+        self._callback = None
         self._remove_hooks()
         self._exit_external(exc_type, exc, tb)
         self._stacks.clear()
@@ -112,16 +124,14 @@ class Recording:
             self._hook(child, f"{prefix}.{child_name}" if prefix else child_name, False)
 
     def _enter_external(self) -> dict:
-        """A transformers model (moelab.hf): while recording, its experts run moelab's same-named backends on their
-        own weights and its MoE blocks are hooked like SparseMoE layers. {} otherwise (transformers not imported)."""
-        from .hf.inspect_adapter import inspection_context, summary_note
-
-        context = inspection_context(self.module)  # None unless a transformers model
+        """A model of another library with a registered adapter (a transformers model, once `moelab.hf` is
+        imported): the adapter prepares it and its MoE blocks are hooked like SparseMoE layers. {} otherwise."""
+        context = adapter_context(self.module)  # None for a moelab module
         if context is None:
             return {}
-        layers = context.__enter__()
+        layers, note = context.__enter__()
         self._external_context = context
-        self.notes.append(summary_note(layers))
+        self.trace.notes.append(note)
         return {id(layer.block): layer for layer in layers}
 
     def _exit_external(self, exc_type=None, exc=None, tb=None) -> None:
@@ -144,13 +154,13 @@ class Recording:
                 call = stack[-1][1]
                 call.backend = _backend_of(module) or call.backend
                 stack.append([module, call, stack[-1][2]])
-                _seed(stack[-1][2], args)
+                seed_inputs(stack[-1][2], args)
                 return
             stage = current_stage()
-            call = Call(index=len(self.calls), layer=layer, stage=stage.name if stage else None,
+            call = Call(index=len(self.trace.calls), layer=layer, stage=stage.name if stage else None,
                         decode_step=stage.decode_step if stage else None, backend=_backend_of(module))
             hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            call.sizes = _sizes_of(module)
+            call.sizes = layer_sizes(module)
             call.has_router = hasattr(module, "router")
             external = self._external.get(id(module))
             if external is not None:  # a transformers MoE block: its moelab.hf layer knows backend and sizes
@@ -163,9 +173,9 @@ class Recording:
                 call.sizes["top_k"] = int(args[1].shape[1])  # an Experts call: k from top_k_index
             elif call.sizes and getattr(getattr(module, "config", None), "top_k", None) is not None:
                 call.sizes["top_k"] = int(module.config.top_k)
-            self.calls.append(call)
+            self.trace.calls.append(call)
             seen: dict[int, weakref.ref] = {}
-            _seed(seen, args)
+            seed_inputs(seen, args)
             stack.append([module, call, seen])
 
         return pre_hook
@@ -180,12 +190,12 @@ class Recording:
     def _record(self, name: str, explanation: str, tensors: dict, derived: dict) -> None:
         stack = self._stacks.get(threading.get_ident())
         if not stack:
-            self.unattributed += 1
+            self.trace.unattributed += 1
             return
         call, seen = stack[-1][1], stack[-1][2]
         kept = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
         info = {k: v for k, v in tensors.items() if not isinstance(v, torch.Tensor)}
-        new_bytes = _new_storage_bytes(seen, kept.values())
+        new_bytes = new_storage_bytes(seen, kept.values())
         for key, value in derived.items():
             if isinstance(value, torch.Tensor):
                 kept[key] = value
@@ -196,18 +206,18 @@ class Recording:
                     tensors=kept, derived=frozenset(derived), info=info, new_bytes=new_bytes)
         call.steps.append(step)
         self._seen_names.add(name)
-        for fn in [*self._callbacks.get(name, ()), *self._callbacks.get("*", ())]:
+        for fn in self.trace.callbacks_for(name):
             fn(step)
-        if not self.keep_tensors:
+        if not self.trace.keep_tensors:
             step.tensors = {k: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                             for k, t in step.tensors.items()}
 
     def _warn_on_exit(self) -> None:
-        new_calls = self.calls[self._first_call:]
-        if not new_calls and self._handles_registered and not self.unattributed:
+        new_calls = self.trace.calls[self._first_call:]
+        if not new_calls and self._handles_registered and not self.trace.unattributed:
             warnings.warn(f"no MoE layer of the inspected {type(self.module).__name__} ran inside the block; if a "
                           "torch.compile'd copy of it ran, note that steps are not recorded under compilation",
-                          InspectionWarning, stacklevel=3)
+                          InspectionWarning, stacklevel=4)
         silent = [c for c in new_calls if not c.steps]
         if silent:
             layers = sorted({c.layer for c in silent})
@@ -215,10 +225,9 @@ class Recording:
             warnings.warn(
                 f"{len(silent)} MoE call(s) of {', '.join(layers)} ran but recorded no steps: steps are not recorded "
                 f"under torch.compile, and a backend records only what it passes to moelab.record_step "
-                f"(backend: {', '.join(backends)}).", InspectionWarning, stacklevel=3)
-        if self.steps:
-            missing = sorted(n for n in self._callbacks if n != "*" and self._callbacks[n]
-                             and n not in self._seen_names)
+                f"(backend: {', '.join(backends)}).", InspectionWarning, stacklevel=4)
+        if any(call.steps for call in self.trace.calls):
+            missing = sorted(n for n in self.trace.subscribed_names() if n not in self._seen_names)
             if missing:
                 warnings.warn(f"callbacks subscribed to {missing} never ran: no step of that name was recorded "
-                              f"(steps recorded: {sorted(self._seen_names)})", InspectionWarning, stacklevel=3)
+                              f"(steps recorded: {sorted(self._seen_names)})", InspectionWarning, stacklevel=4)

@@ -7,92 +7,23 @@ SparseMoE blocks) embeds them, a linear projector maps them into the text width,
 
     MultiBackboneForCausalLM(config, experts_implementation={"": "grouped_mm", "vision_config": "eager"})
 
-Dimension letters as in `moelab.model`, plus  C channels, Hi x Wi image size, p patch size,
-P = (Hi / p) * (Wi / p) patches, Dv vision width.
+Dimension letters as declared in `moelab.core`, plus C channels, Hi x Wi image size, p patch size,
+Q = (Hi / p) * (Wi / p) patches, Hv vision width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
-
 import torch
 from torch import nn
 
-from .config import DictConfig, MoEConfig, _check_int
-from .model import (CausalLMOutput, KVCache, MoEBlock, MoEDecoder, MoEModelConfig, MoEPreTrainedModel, RMSNorm,
-                    _check_float, _check_heads, _moe_config, causal_lm_loss, check_input_ids, init_weights)
-from .moe import SparseMoE
-
-
-@dataclass
-class MoEVisionConfig(DictConfig):
-    """The vision backbone: square images of `image_size` cut into `patch_size` patches.
-
-    moe: the MoEConfig of each vision layer (hidden_size must equal hidden_size); None gives 4 experts, top_k 2.
-    """
-
-    image_size: int = 16
-    patch_size: int = 4
-    num_channels: int = 3
-    hidden_size: int = 32
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    moe: MoEConfig | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("image_size", self.image_size, 1)
-        _check_int("patch_size", self.patch_size, 1, self.image_size, "image_size")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
-        _check_int("num_channels", self.num_channels, 1)
-        _check_int("hidden_size", self.hidden_size, 1)
-        _check_int("num_hidden_layers", self.num_hidden_layers, 1)
-        _check_int("num_attention_heads", self.num_attention_heads, 1, self.hidden_size, "hidden_size")
-        _check_heads(self.hidden_size, self.num_attention_heads, rotary=False)
-        _check_float("rms_norm_eps", self.rms_norm_eps)
-        _check_float("initializer_range", self.initializer_range)
-        self.moe = _moe_config(self.moe, self.hidden_size, "moe", num_experts=4)
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-
-
-@dataclass
-class MultiBackboneConfig:
-    """A text backbone and a vision backbone; each is a sub-config with its own MoE layers (and backend)."""
-
-    text_config: MoEModelConfig = field(default_factory=MoEModelConfig)
-    vision_config: MoEVisionConfig = field(default_factory=MoEVisionConfig)
-    sub_configs: ClassVar[tuple[str, ...]] = ("text_config", "vision_config")
-
-    def __post_init__(self) -> None:
-        for name, config_class in (("text_config", MoEModelConfig), ("vision_config", MoEVisionConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, config_class.from_dict(value))
-            elif not isinstance(value, config_class):
-                raise ValueError(f"{name} must be a moelab.{config_class.__name__} or a dict of its fields, "
-                                 f"got {type(value).__name__}")
-
-    def to_dict(self) -> dict:
-        return {"text_config": self.text_config.to_dict(), "vision_config": self.vision_config.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MultiBackboneConfig":
-        unknown = set(d) - set(cls.sub_configs)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid fields are "
-                             f"{list(cls.sub_configs)}")
-        return cls(**d)
+from ..layer.moe import SparseMoE
+from .blocks import KVCache, MoEBlock, MoEDecoder, RMSNorm
+from .causal_lm import CausalLMOutput, MoEPreTrainedModel, causal_lm_loss, init_weights
+from .configs import MoEVisionConfig, MultiBackboneConfig, check_input_ids
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """pixel_values [B, C, Hi, Wi] -> patches [B, P, C*p*p], row-major over the patch grid."""
+    """pixel_values [B, C, Hi, Wi] -> patches [B, Q, C*p*p], row-major over the patch grid."""
     B, C, Hi, Wi = pixel_values.shape
     p = patch_size
     patches = pixel_values.unfold(2, p, p).unfold(3, p, p)  # [B, C, Hi/p, Wi/p, p, p]
@@ -121,9 +52,9 @@ class MoEVisionEncoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, C, Hi, Wi] -> patch states [B, P, Dv]."""
-        x = self.patch_embed(patchify(pixel_values, self.config.patch_size))  # [B, P, Dv]
-        x = x + self.position_embed.weight  # [B, P, Dv]: where each patch sits
+        """pixel_values [B, C, Hi, Wi] -> patch states [B, Q, Hv]."""
+        x = self.patch_embed(patchify(pixel_values, self.config.patch_size))  # [B, Q, Hv]
+        x = x + self.position_embed.weight  # [B, Q, Hv]: where each patch sits
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
@@ -188,21 +119,21 @@ class MultiBackboneForCausalLM(MoEPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
                 labels: torch.Tensor | None = None) -> CausalLMOutput:
-        """input_ids [B, S] (+ pixel_values [B, C, Hi, Wi]) -> logits [B, S, V] for the text positions.
+        """input_ids [B, N] (+ pixel_values [B, C, Hi, Wi]) -> logits [B, N, V] for the text positions.
 
-        With an image the decoder sees [P image tokens; S text tokens]; pass the image once, in the first
+        With an image the decoder sees [Q image tokens; N text tokens]; pass the image once, in the first
         forward, and later forwards attend to it through the KV cache.
         """
         check_input_ids(input_ids, self.text_config.vocab_size)
         use_cache = use_cache or past_key_values is not None
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
-        inputs_embeds = self.language_model.embed_tokens(input_ids)  # [B, S, D]
+        inputs_embeds = self.language_model.embed_tokens(input_ids)  # [B, N, H]
         if pixel_values is not None:
             pixel_values = self._check_pixel_values(pixel_values, input_ids.shape[0])
-            image_embeds = self.projector(self.vision_model(pixel_values))  # [B, P, D]
-            inputs_embeds = torch.cat([image_embeds, inputs_embeds], dim=1)  # [B, P + S, D]
-        hidden_states = self.language_model(inputs_embeds, past_key_values)  # [B, P + S, D]
-        logits = self.lm_head(hidden_states[:, -input_ids.shape[1]:])  # [B, S, V]: text positions only
+            image_embeds = self.projector(self.vision_model(pixel_values))  # [B, Q, H]
+            inputs_embeds = torch.cat([image_embeds, inputs_embeds], dim=1)  # [B, Q + N, H]
+        hidden_states = self.language_model(inputs_embeds, past_key_values)  # [B, Q + N, H]
+        logits = self.lm_head(hidden_states[:, -input_ids.shape[1]:])  # [B, N, V]: text positions only
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, past_key_values if use_cache else None, loss)

@@ -1,20 +1,27 @@
-"""`MoEConfig`: the sizes and choices of one MoE layer, validated when it is made."""
+"""`MoEConfig`: the sizes and choices of one MoE layer, validated when it is made; the checks all configs use."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .activations import ACTIVATIONS
 
 
-def _check_int(name: str, value, low: int, high: int | None = None, high_name: str | None = None) -> None:
+def check_int(name: str, value, low: int, high: int | None = None, high_name: str | None = None) -> None:
     # bool is an int subclass: True would silently mean 1
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low or (high is not None and value > high):
         upper = f"{high_name} = {high}" if high_name else (str(high) if high is not None else "inf")
         raise ValueError(f"{name} must be in [{low}, {upper}], got {value}")
+
+
+def check_float(name: str, value, low: float = 0.0) -> None:
+    """ValueError naming `name` unless `value` is a finite int or float > `low` (bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= low:
+        raise ValueError(f"{name} must be a finite float > {low}, got {value!r}")
 
 
 class DictConfig:
@@ -60,16 +67,14 @@ class MoEConfig(DictConfig):
     top_k_weights_float32: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("hidden_size", self.hidden_size, 1)
-        _check_int("intermediate_size", self.intermediate_size, 1)
-        _check_int("num_experts", self.num_experts, 1)
-        _check_int("top_k", self.top_k, 1, self.num_experts, "num_experts")
-        _check_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size, 0)
+        check_int("hidden_size", self.hidden_size, 1)
+        check_int("intermediate_size", self.intermediate_size, 1)
+        check_int("num_experts", self.num_experts, 1)
+        check_int("top_k", self.top_k, 1, self.num_experts, "num_experts")
+        check_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size, 0)
         for name in ("norm_topk_prob", "top_k_weights_float32"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
-        if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) \
-                or not self.initializer_range > 0:
-            raise ValueError(f"initializer_range must be a float > 0, got {self.initializer_range!r}")
+        check_float("initializer_range", self.initializer_range)

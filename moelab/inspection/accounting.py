@@ -13,13 +13,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import torch
 from torch import nn
 
-from .memory import MemoryEstimate, analytic
+from ..memory import MODELLED_BACKENDS, MemoryEstimate, analytic
 
 if TYPE_CHECKING:
-    from .trace_records import Call
+    from .records import Call
 
 
 # ---------------------------------------------------------------------------------------------------- recorded
@@ -34,13 +35,13 @@ def _storages(values: Iterable[torch.Tensor]):
             yield storage.data_ptr(), storage.nbytes(), t
 
 
-def _seed(seen: dict, args) -> None:
+def seed_inputs(seen: dict, args) -> None:
     """Mark the layer's input tensors as already existing (they are not the call's new memory)."""
     for ptr, _, t in _storages(a for a in args if isinstance(a, torch.Tensor)):
         seen[ptr] = weakref.ref(t)
 
 
-def _new_storage_bytes(seen: dict, values: Iterable[torch.Tensor]) -> int:
+def new_storage_bytes(seen: dict, values: Iterable[torch.Tensor]) -> int:
     total = 0
     for ptr, nbytes, t in _storages(values):
         ref = seen.get(ptr)
@@ -54,7 +55,7 @@ def _new_storage_bytes(seen: dict, values: Iterable[torch.Tensor]) -> int:
 
 
 @dataclass(frozen=True)
-class _SizesConfig:
+class SizesConfig:
     """The part of a MoEConfig the memory model reads, from a call's module."""
 
     num_experts: int
@@ -67,12 +68,12 @@ class _SizesConfig:
     hidden_act: str = "silu"
 
     @classmethod
-    def from_sizes(cls, sizes: dict) -> _SizesConfig:
+    def from_sizes(cls, sizes: dict) -> SizesConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in sizes.items() if k in known})
 
 
-def _sizes_of(module: nn.Module) -> dict | None:
+def layer_sizes(module: nn.Module) -> dict | None:
     config = getattr(module, "config", None)
     experts = getattr(module, "experts", module)
     try:
@@ -93,14 +94,14 @@ def call_estimate(call: Call) -> MemoryEstimate | None:
     for step in call.find("auto"):  # `auto` says which backend it delegated to
         backend = step.info.get("chosen", backend)
     if (call.sizes is None or "top_k" not in call.sizes or call.num_tokens is None
-            or backend not in ("eager", "batched_mm", "grouped_mm")):
+            or backend not in MODELLED_BACKENDS):
         return None
     counts = None
     if backend == "eager":
         counts = [0] * call.sizes["num_experts"]
         for step in call.find("expert"):
             counts[step.info["expert_id"]] = int(step.tensors["token_idx"].shape[0])
-    config = _SizesConfig.from_sizes(call.sizes)
+    config = SizesConfig.from_sizes(call.sizes)
     try:
         return analytic(config, call.num_tokens, backend, call.dtype, tokens_per_expert=counts,
                         router=call.has_router, inspected=True)
@@ -110,8 +111,6 @@ def call_estimate(call: Call) -> MemoryEstimate | None:
 
 def memory_frame(calls: list[Call]):
     """The table `Trace.memory` returns (its docstring has the columns)."""
-    import pandas as pd
-
     rows, peaks = [], {}
     for call in calls:
         estimate = call.memory_estimate()

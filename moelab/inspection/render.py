@@ -1,6 +1,6 @@
 """How a trace reads: the text of `repr(trace)`, `repr(call)` and `repr(step)`, and the HTML Jupyter shows.
 
-Plain functions of the records in `moelab.trace_records` (and of a `moelab.inspect.Trace`), so the records stay
+Plain functions of the records in `moelab.inspection.records` (and of a `Trace`), so the records stay
 data and all the formatting sits in one place: one row per step (text), one row per tensor (HTML), bytes as
 `moelab.memory.format_bytes` prints them, keys made only for display marked "derived".
 """
@@ -13,25 +13,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .memory import format_bytes
+from ..core.stage import stage_label
+from ..memory import format_bytes
 
 if TYPE_CHECKING:
-    from .inspect import Trace
-    from .trace_records import Call, Step
+    from .trace import Trace
+    from .records import Call, Step
 
 
-def _describe(value) -> tuple[str, str, int | None]:
+def describe(value) -> tuple[str, str, int | None]:
     """(shape, dtype, bytes) of a tensor for display; ("", repr, None) for context values."""
     if isinstance(value, torch.Tensor):
         return str(list(value.shape)), str(value.dtype).removeprefix("torch."), value.nbytes
     text = repr(value)
     return "", text if len(text) <= 60 else text[:57] + "...", None
-
-
-def _stage_label(stage: str | None, decode_step: int | None) -> str:
-    if stage is None:
-        return "forward"
-    return f"decode {decode_step}" if stage == "decode" else stage
 
 
 def _table(header: list[str], rows: list[list[str]], right: Iterable[int] = ()) -> list[str]:
@@ -51,7 +46,7 @@ _CSS = ("<style>.moelab-trace td,.moelab-trace th{text-align:left;vertical-align
 _DERIVED_CLASS = " class='derived'"
 
 
-def _tensor_list(step: Step, limit: int = 4) -> str:
+def tensor_list(step: Step, limit: int = 4) -> str:
     parts = [f"{k}{list(t.shape)}" + ("*" if k in step.derived else "") for k, t in step.tensors.items()]
     if len(parts) > limit:
         parts = parts[:limit] + [f"+{len(parts) - limit} more"]
@@ -65,7 +60,7 @@ def step_rows(step: Step) -> list[list[str]]:
     """[key, shape, dtype, bytes] per tensor and context value of `step`."""
     rows = []
     for key, value in [*step.tensors.items(), *step.info.items()]:
-        shape, dtype, nbytes = _describe(value)
+        shape, dtype, nbytes = describe(value)
         rows.append([key + (" (derived)" if key in step.derived else ""), shape, dtype,
                      "" if nbytes is None else format_bytes(nbytes)])
     return rows
@@ -73,7 +68,7 @@ def step_rows(step: Step) -> list[list[str]]:
 
 def step_title(step: Step) -> str:
     return (f"step {step.name!r} of call {step.call} (layer {step.layer}, "
-            f"{_stage_label(step.stage, step.decode_step)}, {step.backend})")
+            f"{stage_label(step.stage, step.decode_step)}, {step.backend})")
 
 
 def step_text(step: Step) -> str:
@@ -96,9 +91,9 @@ def step_html(step: Step) -> str:
 
 
 def call_text(call: Call) -> str:
-    head = (f"call {call.index}: layer {call.layer}, {_stage_label(call.stage, call.decode_step)}, "
+    head = (f"call {call.index}: layer {call.layer}, {stage_label(call.stage, call.decode_step)}, "
             f"backend {call.backend}, {len(call.steps)} steps")
-    rows = [[str(s.index), s.name, _tensor_list(s), format_bytes(s.nbytes)] for s in call.steps]
+    rows = [[str(s.index), s.name, tensor_list(s), format_bytes(s.nbytes)] for s in call.steps]
     return "\n".join([head] + ["  " + ln for ln in _table(["#", "step", "tensors", "bytes"], rows, right=[3])])
 
 
@@ -122,7 +117,7 @@ def calls_html(calls: list[Call], max_steps: int = 200, summary: str = "") -> st
                 head = ""
                 if i == 0:
                     head = "".join(f"<td{span}>{html.escape(str(v))}</td>" for v in (
-                        s.call, s.layer, _stage_label(s.stage, s.decode_step), s.backend)) + \
+                        s.call, s.layer, stage_label(s.stage, s.decode_step), s.backend)) + \
                         f"<td{span}><b>{html.escape(s.name)}</b></td><td{span}>{html.escape(s.explanation)}</td>"
                 out.append(f"<tr{cls}>{head}<td><code>{html.escape(key)}</code></td><td>{html.escape(shape)}</td>"
                            f"<td>{html.escape(dtype)}</td><td class='num'>{html.escape(nbytes)}</td></tr>")
@@ -148,8 +143,8 @@ def trace_text(trace: Trace, max_steps: int = 60) -> str:
     """The summary line, then one row per step (the first `max_steps`)."""
     rows = []
     for s in trace.steps[:max_steps]:
-        rows.append([str(s.call), s.layer, _stage_label(s.stage, s.decode_step), str(s.backend), s.name,
-                     _tensor_list(s), format_bytes(s.nbytes)])
+        rows.append([str(s.call), s.layer, stage_label(s.stage, s.decode_step), str(s.backend), s.name,
+                     tensor_list(s), format_bytes(s.nbytes)])
     lines = [trace_summary(trace)]
     if rows:
         lines += ["  " + ln for ln in _table(["call", "layer", "stage", "backend", "step", "tensors", "bytes"],

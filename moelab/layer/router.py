@@ -8,7 +8,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .config import MoEConfig
+from ..core.config import MoEConfig
 
 
 class RouterOutput(NamedTuple):

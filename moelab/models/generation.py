@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from .selection import check_backend_map, decode_backends as _decode_policy, switched_experts_implementation
-from .stage import current_stage, generation_stage
+from ..core.stage import current_stage, generation_stage, stage_label
+from .configs import check_input_ids
 
 
 @dataclass
@@ -56,13 +57,6 @@ class GenerateOutput:
         return merged
 
 
-def stage_label(stage) -> str:
-    """Stage("prefill") -> "prefill"; Stage("decode", 3) -> "decode 3"; None (outside generate) -> "none"."""
-    if stage is None:
-        return "none"
-    return stage.name if stage.decode_step is None else f"{stage.name} {stage.decode_step}"
-
-
 class BackendRecorder:
     """While active, records `{stage label: {layer: backend}}` from a pre-hook on each experts module.
 
@@ -94,8 +88,6 @@ class BackendRecorder:
 
 def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed, generator,
                          eos_token_id, backend_map, model_kwargs):
-    from .model import check_input_ids  # model.py imports this module
-
     text_config = model.text_config
     check_input_ids(input_ids, text_config.vocab_size)
     if input_ids.device != model.device:
