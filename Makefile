@@ -1,7 +1,8 @@
 # moelab developer entry points.
 #
 #   make lab    set up .venv (first time only) and open JupyterLab on notebooks/
-#   make test   set up .venv (first time only) and run the test suite
+#   make test   set up .venv (first time only) and run the test suite (what CI runs)
+#   make test-fast  the edit-test loop: the suite without the slow, browser, compile, hf and notebook tiers
 #   make setup  just the setup step
 #   make clean  remove .venv and build/test caches
 #
@@ -26,7 +27,9 @@ PYTEST_ARGS ?=
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 NBVAL_ARGS ?= $(if $(NOTEBOOKS),notebooks/ --nbval --nbval-sanitize-with tests/sanitize.cfg)
 
-.PHONY: setup lab test clean
+.PHONY: setup lab test test-fast clean
+
+FAST_MARKERS := not slow and not browser and not compile and not hf and not notebooks
 
 setup: $(STAMP)
 
@@ -49,6 +52,9 @@ lab: setup
 
 test: setup
 	$(VENV_PY) -m pytest tests/ $(NBVAL_ARGS) $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV_PY) -m pytest tests/ -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache *.egg-info

@@ -20,12 +20,14 @@ import ast
 import importlib
 import inspect as pyinspect
 import textwrap
+import types
 
 import torch
 import torch.utils.benchmark as benchmark
 
 import moelab
 from moelab import ExpertsInterface, SparseMoE
+from moelab.backends.cpu import lean
 
 BACKEND_MODULES = {"eager": ("moelab.backends.eager", "eager_experts"),
                    "batched_mm": ("moelab.backends.batched_mm", "batched_mm_experts"),
@@ -45,12 +47,13 @@ class _StripRecordStep(ast.NodeTransformer):
         return node
 
 
-def without_hooks(fn):
-    """A copy of function `fn` with its `record_step(...)` statements removed; returns (copy, how many)."""
+def without_hooks(fn, overrides: dict | None = None):
+    """A copy of function `fn` with its `record_step(...)` statements removed; returns (copy, how many).
+    `overrides`: names of `fn`'s module namespace to replace in the copy's (e.g. a hook-free callee)."""
     tree = ast.parse(textwrap.dedent(pyinspect.getsource(fn)))
     stripper = _StripRecordStep()
     tree = ast.fix_missing_locations(stripper.visit(tree))
-    namespace = dict(fn.__globals__)
+    namespace = dict(fn.__globals__) | (overrides or {})
     exec(compile(tree, f"<{fn.__qualname__} without record_step>", "exec"), namespace)  # noqa: S102
     return namespace[fn.__name__], stripper.removed
 
@@ -58,9 +61,14 @@ def without_hooks(fn):
 def hook_free_variants() -> tuple[type, dict[str, str]]:
     """Register `<backend>__nohooks` backends and return (SparseMoE subclass without hooks, name map)."""
     names = {}
+    # NOTE: grouped_mm dispatches CPU inference to its fast path (moelab.backends.cpu.lean), which records its
+    # own steps: the hook-free grouped_mm calls a hook-free copy of it, through the same dispatch.
+    lean_free, removed = without_hooks(lean.lean_grouped_mm)
+    assert removed >= 2, f"lean_grouped_mm: expected record_step calls to remove, found {removed}"
+    overrides = {"grouped_mm": {"lean": types.SimpleNamespace(applies=lean.applies, lean_grouped_mm=lean_free)}}
     for backend, (module_name, fn_name) in BACKEND_MODULES.items():
         fn = getattr(importlib.import_module(module_name), fn_name)
-        stripped, removed = without_hooks(fn)
+        stripped, removed = without_hooks(fn, overrides.get(backend))
         assert removed >= 2, f"{fn_name}: expected record_step calls to remove, found {removed}"
         ExpertsInterface.register(f"{backend}__nohooks", stripped, overwrite=True)
         names[backend] = f"{backend}__nohooks"

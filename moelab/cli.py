@@ -7,9 +7,13 @@ import sys
 
 import torch
 
+from .bench.cli import add_bench, add_calibrate
 from .bench.compare import compare_backends
-from .core.dtypes import DTYPES
+from .bench.env import resolve_clock
 from .core.config import MoEConfig
+from .core.dtypes import DTYPES
+from .core.machine import cpu_description
+from .models.io import package_version
 
 
 def _add_compare(sub) -> None:
@@ -34,18 +38,16 @@ def _run_compare(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"moelab {__import__('moelab').__version__}, torch {torch.__version__}, {args.threads} thread(s)")
+    clock = resolve_clock("auto", "cpu", args.threads)
+    print(f"moelab {package_version()}, torch {torch.__version__}, {args.threads} thread(s), {clock} clock")
+    print(cpu_description())
     print(f"SparseMoE T={args.tokens} H={args.hidden} I={args.intermediate} E={args.experts} k={args.top_k} "
           f"{args.dtype}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
 
-SUBCOMMANDS = [_add_compare]  # other modules append their sub-command builders here
-
-from .bench.cli import add_bench, add_calibrate  # noqa: E402
-
-SUBCOMMANDS += [add_bench, add_calibrate]
+SUBCOMMANDS = [_add_compare, add_bench, add_calibrate]  # each adds its sub-command to the parser
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,40 @@ import moelab  # noqa: E402
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm")
 
+# ------------------------------------------------------------------------------------------------ test tiers
+# Every test is put in its tier here, so the test files stay free of bookkeeping; `make test-fast` deselects the
+# five tiers (`-m "not slow and not browser and not compile and not hf and not notebooks"`), `make test` and CI
+# run everything. The markers are declared in pyproject.toml.
+TIER_FILES = {"test_browser.py": "browser", "test_hf.py": "hf", "test_compile.py": "compile"}
+COMPILE_WORDS = ("compile", "fullgraph", "inductor")  # a test whose name says so runs torch.compile
+HF_WORDS = ("transformers",)  # ... or needs transformers
+SLOW = {  # test functions that take more than about a second on 2 cores (subprocesses, servers, sweeps)
+    "test_make_lab_serves_jupyterlab_on_notebooks", "test_cli_prints_a_table_and_writes_its_files",
+    "test_cli_rejects_bad_lists", "test_default_job_prints_every_backend", "test_bad_arguments_are_named",
+    "test_batched_mm_memory_grows_with_tokens_grouped_mm_stays_with_activations",
+    "test_analytic_and_measured_peaks_agree_within_25_percent", "test_report_is_computed_from_the_sweep",
+    "test_one_row_per_grid_point_skipped_ones_included", "test_real_run_rows_carry_the_slider_settings_and_the_figure_matches_the_table",
+    "test_over_budget_configuration_is_refused_with_the_reason_and_runs_nothing",
+    "test_moving_a_slider_and_clicking_run_changes_table_and_figure", "test_lint_imports_keeps_the_layer_contract",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.notebooks)
+            continue
+        name = getattr(item, "originalname", None) or item.name.split("[")[0]
+        if path.name in TIER_FILES:
+            item.add_marker(getattr(pytest.mark, TIER_FILES[path.name]))
+        if any(word in name for word in COMPILE_WORDS):
+            item.add_marker(pytest.mark.compile)
+        if any(word in name for word in HF_WORDS):
+            item.add_marker(pytest.mark.hf)
+        if name in SLOW:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

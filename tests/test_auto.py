@@ -1,12 +1,19 @@
 """The `auto` backend: registered like the others, picks by a crossover table, shows its choice in a trace."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import moelab
 from conftest import make_moe
-from moelab.backends import auto
-from moelab.backends.auto import CrossoverTable, use_crossovers
+from moelab.backends import auto, calibration
+from moelab.backends.calibration import DEFAULT_CROSSOVERS, CrossoverTable, use_crossovers
+from moelab.backends.cpu import compiled as cpu_compiled
+from moelab.backends.cpu import workspace
 from moelab.core.steps import add_recorder, remove_recorder
 
 FIRST_STEP = {"eager": "expert_mask", "batched_mm": "repeat", "grouped_mm": "sort"}
@@ -15,7 +22,7 @@ FIRST_STEP = {"eager": "expert_mask", "batched_mm": "repeat", "grouped_mm": "sor
 def traced_steps(moe, x):
     steps = []
 
-    def recorder(name, explanation, tensors, derived):
+    def recorder(name, explanation, tensors, derived, copied):
         steps.append((name, dict(tensors)))
     add_recorder(recorder)
     try:
@@ -73,7 +80,7 @@ def test_bad_tables_are_refused(rules, message):
 
 def test_compiled_auto_never_takes_eager_and_captures_fullgraph():
     torch._dynamo.reset()
-    assert all(b != "eager" for _, b in auto.DEFAULT_CROSSOVERS.rules["cpu/*/compiled"])
+    assert all(b != "eager" for _, b in DEFAULT_CROSSOVERS.rules["cpu/*/compiled"])
     moe = make_moe(32, 64, 8, 2, backend="auto")
     x = torch.randn(10, 32)
     compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
@@ -84,35 +91,35 @@ def test_compiled_auto_never_takes_eager_and_captures_fullgraph():
 def test_defaults_without_calibration_and_a_stored_calibration(tmp_path, monkeypatch):
     monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
     try:
-        assert auto.reload_crossovers().source == "default"
+        assert calibration.reload_crossovers().source == "default"
         assert auto.choose(4096, torch.float32, "cpu", compiled=False, num_experts=8)[0] == "grouped_mm"
         assert auto.choose(2, torch.float32, "cpu", compiled=False, num_experts=64)[0] == "eager"
         assert auto.choose(2, torch.float32, "cpu", compiled=True, num_experts=64)[0] == "batched_mm"
         from moelab import bench
         table = bench.calibrate(tokens=(1, 8), num_experts=(4,), top_k=(2,), hidden_size=16, intermediate_size=32,
                                 dtypes=("float32",), min_run_time=0.01, progress=False)
-        path = auto.calibration_path()
-        assert path.exists() and path.parent == tmp_path and auto.machine_key() in path.name
-        assert auto.crossovers().source == "calibrated" and "cpu/float32/eager" in table.rules
+        path = calibration.calibration_path()
+        assert path.exists() and path.parent == tmp_path and calibration.machine_key() in path.name
+        assert calibration.crossovers().source == "calibrated" and "cpu/float32/eager" in table.rules
         assert CrossoverTable.load(path).rules == table.rules
         moe = make_moe(16, 32, 4, 2, backend="auto")
         _, steps = traced_steps(moe, torch.randn(3, 16))
         assert "calibrated" in dict(steps)["auto"]["reason"]
     finally:
         monkeypatch.delenv("MOELAB_CACHE_DIR")
-        auto.set_crossovers(None)
+        calibration.set_crossovers(None)
 
 
 def test_set_crossovers_overrides_and_resets():
     table = CrossoverTable({"*/*/*": [[None, "batched_mm"]]})
-    auto.set_crossovers(table)
+    calibration.set_crossovers(table)
     try:
         assert auto.choose(10, torch.float32, "cpu", compiled=False)[0] == "batched_mm"
     finally:
-        auto.set_crossovers(None)
-    assert auto.crossovers() is not table
+        calibration.set_crossovers(None)
+    assert calibration.crossovers() is not table
     with pytest.raises(ValueError, match="CrossoverTable"):
-        auto.set_crossovers({"cpu/*/eager": []})
+        calibration.set_crossovers({"cpu/*/eager": []})
 
 
 def test_pairs_per_expert_unit_scales_with_num_experts():
@@ -145,16 +152,15 @@ def test_rules_per_number_of_experts_take_the_nearest():
 
 
 def test_compiled_inference_runs_grouped_mm_as_one_opaque_op(monkeypatch):
-    from moelab.backends.cpu import workspace
     monkeypatch.setattr(workspace, "MIN_BYTES", 0)  # the op is for buffers of MiBs; make the tiny test qualify
-    monkeypatch.setattr(auto, "COMPILED_LEAN_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_compiled, "COMPILED_LEAN_MIN_BYTES", 0)
     torch._dynamo.reset()
     table = CrossoverTable({"*/*/*": [[None, "grouped_mm"]]})
     moe = make_moe(32, 64, 8, 2, backend="auto")
     x = torch.randn(12, 32)
     with use_crossovers(table), torch.no_grad():
         compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x), moe(x), atol=1e-5, rtol=1e-5)
+        assert torch.equal(compiled(x), moe(x))  # the op runs the uncompiled fast path: the same bits
         gm = torch._dynamo.explain(moe)(x)
     assert gm.graph_count == 1 and gm.graph_break_count == 0
     assert "moelab.grouped_mm_lean" in str(gm.graphs[0].code)
@@ -167,6 +173,60 @@ def test_compiled_small_calls_keep_the_compiled_graph():
     table = CrossoverTable({"*/*/*": [[None, "grouped_mm"]]})
     moe = make_moe(32, 64, 8, 2, backend="auto")
     with use_crossovers(table), torch.no_grad():
-        gm = torch._dynamo.explain(moe)(torch.randn(12, 32))  # a few KiB: below auto.COMPILED_LEAN_MIN_BYTES
+        gm = torch._dynamo.explain(moe)(torch.randn(12, 32))  # a few KiB: below COMPILED_LEAN_MIN_BYTES
     assert gm.graph_break_count == 0 and "grouped_mm_lean" not in str(gm.graphs[0].code)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",  # not JSON
+    "[1, 2]",  # JSON, not an object
+    '{"rules": {"cpu/*/eager": 3}}',  # ill-typed segments
+    '{"rules": {"cpu/*/eager": [[null, "mine"]]}}',  # a backend auto does not know
+    '{"rules": {"cpu/*/eager": [[null, "eager"]]}, "meta": []}',  # ill-typed meta
+    b"\xff\xfe\x00",  # not UTF-8
+    None,  # a directory where the file should be: unreadable
+])
+def test_a_corrupt_calibration_warns_and_auto_falls_back_to_the_defaults(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
+    path = calibration.calibration_path()
+    if content is None:
+        path.mkdir()
+        (path / "x").write_text("{}")
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    try:
+        with pytest.warns(UserWarning, match="ignoring the stored auto calibration"):
+            table = calibration.reload_crossovers()
+        assert table is DEFAULT_CROSSOVERS and calibration.crossovers() is DEFAULT_CROSSOVERS
+        for pairs, num_experts in ((2, 64), (4096, 8), (16, 8)):
+            assert auto.choose(pairs, torch.float32, "cpu", compiled=False, num_experts=num_experts) == \
+                DEFAULT_CROSSOVERS.choose(pairs, torch.float32, "cpu", False, num_experts)
+        moe = make_moe(16, 32, 4, 2, backend="auto")
+        _, steps = traced_steps(moe, torch.randn(3, 16))
+        assert "default crossovers" in dict(steps)["auto"]["reason"]
+    finally:
+        monkeypatch.delenv("MOELAB_CACHE_DIR")
+        calibration.set_crossovers(None)
+
+
+def test_a_corrupt_calibration_never_breaks_import(tmp_path):
+    env = dict(os.environ, MOELAB_CACHE_DIR=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    key = subprocess.run([sys.executable, "-c", "from moelab.backends import machine_key; print(machine_key())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / f"crossovers-{key}.json").write_text('{"rules": [')
+    result = subprocess.run([sys.executable, "-c", "import moelab; print(moelab.backends.crossovers().source)"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "default" and "ignoring the stored auto calibration" in result.stderr
+
+
+def test_the_choice_cache_follows_the_table():
+    moe = make_moe(16, 32, 8, 2, backend="auto")
+    x = torch.randn(8, 16)
+    for backend in ("batched_mm", "eager", "batched_mm"):  # the same S each time: only the table changes
+        with use_crossovers(CrossoverTable({"*/*/*": [[None, backend]]})):
+            _, steps = traced_steps(moe, x)
+        assert dict(steps)["auto"]["chosen"] == backend

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -212,6 +213,17 @@ def _has_transformers():
 
 
 @pytest.mark.skipif(not _has_transformers(), reason="transformers not installed (pip install -e .[hf])")
+def test_transformers_namesakes_are_the_ones_compared():
+    from moelab.bench import hf
+    from moelab.hf.inspect_adapter import NAMESAKE_BACKENDS
+
+    for name in NAMESAKE_BACKENDS:
+        assert callable(hf.backend(name))
+    with pytest.raises(ValueError, match="transformers has no experts backend 'auto'"):
+        hf.backend("auto")
+
+
+@pytest.mark.skipif(not _has_transformers(), reason="transformers not installed (pip install -e .[hf])")
 def test_transformers_side_by_side_on_identical_weights():
     t = bench.sweep(["eager", "batched_mm", "grouped_mm", "auto"], tokens=[5], num_experts=[4], top_k=[2],
                     hidden_size=[16], intermediate_size=[32], dtypes=["float32"], transformers=True,
@@ -226,7 +238,70 @@ def test_missing_transformers_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     code = moelab.cli.main(["bench", "--tokens", "1", "--experts", "4", "--top-k", "2", "--hidden", "16",
                             "--intermediate", "32", "--dtype", "float32", "--compare-transformers", "--quiet"])
-    assert code == 2 and "pip install -e .[hf]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--compare-transformers" in err
+    assert moelab.hf.INSTALL_HINT in err  # the one message, from moelab.hf.require_transformers
+    with pytest.raises(ImportError, match="hf` extra"):
+        bench.sweep(["eager"], tokens=[1], num_experts=[4], top_k=[2], transformers=True, progress=False)
+
+
+def test_environment_names_the_cpu_and_its_features():
+    from importlib.metadata import version
+
+    env = bench.environment()
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo to check the CPU flags against")
+    flags = set()
+    with open("/proc/cpuinfo") as f:  # read here, independently of moelab.core.machine
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    assert env["cpu_flags"] == sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
+    assert ("avx2" in env["cpu_flags"]) == ("avx2" in flags)
+    assert env["native_bf16"] is bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu_capability"] in env["cpu_description"] and env["cpu_model"] in env["cpu_description"]
+    assert ("no native bf16" in env["cpu_description"]) is not env["native_bf16"]
+    assert env["moelab_version"] == version("moelab")
+    assert env["transformers_version"] == (moelab.hf.require_transformers().__version__ if _has_transformers()
+                                           else None)
+    json.dumps(env)  # a JSON-able record
+
+
+def test_timing_helper_interleaves_torch_benchmark_blocks():
+    from moelab.bench.timing import measure_interleaved, measure_time
+
+    calls = {"a": 0, "b": 0}
+
+    def stmt(name):
+        def fn():
+            calls[name] += 1
+            return torch.ones(8).sum()
+        return fn
+    a, b = measure_interleaved([stmt("a"), stmt("b")], num_threads=1, clock="process", min_run_time=0.01,
+                               min_runs=5)
+    for name, timing in (("a", a), ("b", b)):
+        assert set(timing) == {"median_ms", "iqr_ms", "q1_ms", "q3_ms", "runs"}
+        assert timing["q1_ms"] <= timing["median_ms"] <= timing["q3_ms"] and timing["median_ms"] > 0
+        assert timing["iqr_ms"] == pytest.approx(timing["q3_ms"] - timing["q1_ms"])
+        assert calls[name] >= timing["runs"] >= 5  # every timed call really ran (plus torch's own warm-ups)
+    one = measure_time(stmt("a"), num_threads=1, clock="wall", min_run_time=0.01, min_runs=3)
+    assert one["runs"] >= 3 and one["median_ms"] > 0
+
+
+def test_report_names_its_backend_sets():
+    from moelab.bench import analysis
+    from moelab.bench.report_sections import pct, shape_text, span
+    from moelab.hf.inspect_adapter import NAMESAKE_BACKENDS
+
+    assert bench.FIXED_BACKENDS is analysis.FIXED_BACKENDS
+    assert set(bench.FIXED_BACKENDS) < set(bench.DEFAULT_BACKENDS) and "auto" not in bench.FIXED_BACKENDS
+    assert set(NAMESAKE_BACKENDS) <= set(moelab.ExpertsInterface.names())
+    assert pct(0.934) == "93%" and pct(float("nan")) == "" and pct(None) == ""
+    assert span([0.5, float("nan"), 0.25], pct) == "25%–50%" and span([]) == "n/a"
+    row = {"dtype": "bfloat16", "num_experts": 8, "top_k": 2, "num_tokens": 512}
+    assert shape_text(row) == "bfloat16 E=8 k=2 T=512"
 
 
 def test_cli_prints_a_table_and_writes_its_files(tmp_path):

@@ -5,9 +5,12 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 import moelab
-from moelab.bench import compare_backends
+from moelab.bench import FIXED_BACKENDS, compare_backends
+from moelab.core.machine import cpu_description
+from moelab.models.io import package_version
 
 
 def test_default_job_prints_every_backend():
@@ -15,8 +18,10 @@ def test_default_job_prints_every_backend():
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"moelab {package_version()}, torch {torch.__version__}, 1 thread(s)")
+    assert cpu_description() in lines  # the CPU: model, kernels, native bf16 or not, cores
     assert "max_abs_diff_to_eager" in result.stdout and "median_ms" in result.stdout
-    for backend in ("eager", "batched_mm", "grouped_mm"):
+    for backend in FIXED_BACKENDS:
         row = next(line for line in lines if line.split() and line.split()[0] == backend)
         assert float(row.split()[1]) < 1e-5  # the difference to eager
 
@@ -27,13 +32,45 @@ def test_bad_arguments_are_named():
     assert result.returncode == 2 and "top_k must be in [1, num_experts = 8], got 9" in result.stderr
 
 
-def test_compare_backends_table():
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("bfloat16", 2e-2)])
+def test_compare_backends_table(dtype, tolerance):
     cfg = moelab.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2)
-    table = compare_backends(cfg, num_tokens=4, dtype="bfloat16", min_run_time=0.01)
-    assert isinstance(table, pd.DataFrame) and list(table.backend) == ["eager", "batched_mm", "grouped_mm"]
-    assert (table.max_abs_diff_to_eager <= 0.02 * table.max_abs_output).all()
-    assert (table.median_ms > 0).all() and (table.runs >= 1).all()
+    table = compare_backends(cfg, num_tokens=4, dtype=dtype, min_run_time=0.01, seed=3)
+    assert isinstance(table, pd.DataFrame)
+    assert list(table.columns) == ["backend", "max_abs_diff_to_eager", "max_abs_output", "median_ms", "iqr_ms", "runs"]
+    assert list(table.backend) == list(FIXED_BACKENDS)
+    # the same comparison, computed here: the layer under the same seed, its input drawn from seed + 1
+    torch_dtype = getattr(torch, dtype)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(4)).to(torch_dtype)
+    with torch.no_grad():
+        reference = moelab.SparseMoE(cfg, "eager", seed=3, dtype=torch_dtype)(x).float()
+        for row in table.itertuples():
+            out = moelab.SparseMoE(cfg, row.backend, seed=3, dtype=torch_dtype)(x).float()
+            assert row.max_abs_diff_to_eager == pytest.approx((out - reference).abs().max().item(), abs=1e-7)
+            assert row.max_abs_output == pytest.approx(reference.abs().max().item())
+            assert row.max_abs_diff_to_eager <= tolerance * row.max_abs_output
+    assert table.loc[table.backend == "eager", "max_abs_diff_to_eager"].item() == 0.0
+    # timed by moelab.bench.timing: a positive median, a non-negative IQR, at least min_runs timed calls
+    assert (table.median_ms > 0).all() and (table.iqr_ms >= 0).all() and (table.runs >= 5).all()
+
+
+def test_compare_backends_takes_any_registered_backend_and_names_bad_arguments():
+    cfg = moelab.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2)
+
+    def doubled(experts, hidden_states, top_k_index, top_k_weights):  # twice eager: its difference is |eager|
+        return 2 * moelab.ExpertsInterface.get("eager")(experts, hidden_states, top_k_index, top_k_weights)
+    moelab.ExpertsInterface.register("doubled_test", doubled)
+    try:
+        table = compare_backends(cfg, num_tokens=4, backends=["eager", "doubled_test"], min_run_time=0.01)
+    finally:
+        moelab.ExpertsInterface.unregister("doubled_test")
+    row = table.set_index("backend").loc["doubled_test"]
+    assert row.max_abs_diff_to_eager == pytest.approx(row.max_abs_output, rel=1e-6) and row.median_ms > 0
     with pytest.raises(ValueError, match=r"dtype must be a floating torch.dtype or one of \[.float32., .bfloat16., .float16., .float64.\]"):
         compare_backends(cfg, dtype="int8")
     with pytest.raises(ValueError, match="num_tokens must be an int >= 1"):
         compare_backends(cfg, num_tokens=0)
+    with pytest.raises(ValueError, match="num_threads must be an int >= 1"):
+        compare_backends(cfg, num_threads=0)
+    with pytest.raises(ValueError, match="unknown experts_implementation 'fast'"):
+        compare_backends(cfg, backends=["fast"])

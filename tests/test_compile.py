@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_moe
-from reference import reference_experts, reference_router
+from reference import reference_experts, reference_moe, reference_router
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -25,14 +25,26 @@ def test_fullgraph_capture(backend, dtype):
     torch.testing.assert_close(compiled(x), moe(x), **TOL[dtype])
 
 
-def test_fullgraph_capture_of_the_fallback_path():
-    moe = make_moe(6, 5, 4, 2, backend="grouped_mm")  # unaligned: the custom-op fallback
-    x = torch.randn(7, 6, requires_grad=True)
+@pytest.mark.parametrize("H, I", [(6, 5), (16, 32)], ids=["unaligned", "aligned"])
+def test_compiled_backward_of_the_fallback_op_matches_float64_gradients(H, I):
+    # float32 compiled grouped_mm takes the custom-op fallback (the native kernel compiles only for bfloat16): its
+    # registered backward (grad of the input by the same op, of the weights by the weight-grad op) is traced too
+    moe = make_moe(H, I, 4, 2, backend="grouped_mm")
+    x, grad_out = torch.randn(7, H, requires_grad=True), torch.randn(7, H)
     compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
     out = compiled(x)
     torch.testing.assert_close(out, moe(x), **TOL[torch.float32])
-    out.sum().backward()  # the custom op's autograd also traces
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    (out * grad_out).sum().backward()
+    leaves = {"input": x.detach().double().requires_grad_(),
+              "router": moe.router.weight.detach().double().requires_grad_(),
+              "gate_up_proj": moe.experts.gate_up_proj.detach().double().requires_grad_(),
+              "down_proj": moe.experts.down_proj.detach().double().requires_grad_()}
+    ref = reference_moe(leaves["input"], leaves["router"], leaves["gate_up_proj"], leaves["down_proj"], 2)
+    (ref * grad_out.double()).sum().backward()
+    got = {"input": x.grad, "router": moe.router.weight.grad, "gate_up_proj": moe.experts.gate_up_proj.grad,
+           "down_proj": moe.experts.down_proj.grad}
+    for name, leaf in leaves.items():  # float32 against float64: the gradients' own rounding, ~1e-6 here
+        torch.testing.assert_close(got[name].double(), leaf.grad, atol=3e-5, rtol=1e-4, msg=name)
 
 
 def test_eager_cannot_fullgraph():

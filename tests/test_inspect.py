@@ -278,8 +278,9 @@ def test_module_without_moe_layers_warns():
 def test_steps_outside_the_inspected_module_are_not_kept(config, x):
     inspected, other = moelab.SparseMoE(config, "eager", seed=0), moelab.SparseMoE(config, "eager", seed=1)
     with moelab.inspect(inspected) as trace, torch.no_grad():
-        other(x)
-    assert trace.calls == [] and trace.unattributed > 0
+        _, routing = other(x, return_router_output=True)
+    hit = len(torch.unique(routing.top_k_index))
+    assert trace.calls == [] and trace.unattributed == 1 + 1 + hit + 1  # route, expert_mask, expert per hit, reduce
     assert "outside the inspected layers" in repr(trace)
 
 
@@ -376,7 +377,12 @@ def test_keep_tensors_false_keeps_shapes_and_still_calls_back(config, x):
     assert seen == ["cpu"]  # the callback saw the real tensor
     perm = trace["sort"]["perm"]
     assert perm.device.type == "meta" and perm.shape == (T * K,) and perm.dtype == torch.int64
-    assert trace.to_frame().bytes.sum() > 0
+    S = T * K  # the bytes of every recorded tensor, float32 and int64, from the shapes (derived views excluded)
+    route = T * E * 4 + T * E * 4 + S * 8 + S * 4  # router_logits, router_probs, top_k_index, top_k_weights
+    experts = (S * 8 + S * 8 + E * 4 + S * 8 + S * H * 4 + S * 2 * I * 4 + S * I * 4 + S * H * 4 + S * H * 4
+               + S * 8 + S * H * 4 + T * H * 4)  # sort, offsets, gather, up_proj, act, down_proj, ..., reduce
+    assert trace.to_frame().bytes.tolist() == [s.nbytes for s in trace.steps]
+    assert trace.to_frame().bytes.sum() == route + experts
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile
@@ -443,16 +449,29 @@ def test_text_and_html_display(backend, config, x):
     assert len(frame) == len(trace.steps) and {"step", "explanation", "tensors", "bytes"} <= set(frame.columns)
     per_tensor = trace.to_frame("tensor")
     assert per_tensor.bytes.sum() == sum(t.nbytes for s in trace.steps for t in s.tensors.values())
-    assert step.to_frame().columns.tolist() == ["key", "shape", "dtype", "bytes", "derived"]
+    assert step.to_frame().columns.tolist() == ["key", "shape", "dtype", "bytes", "derived", "copied"]
+    if backend == "grouped_mm":  # CPU inference: the fast path, whose copies the renderings mark
+        assert trace.calls[0].code_path == "cpu_lean" and "(cpu_lean path)" in repr(trace.calls[0])
+        assert "sorted_states[24, 32]^" in text and "^ a copy taken at the step" in text
+        assert "sorted_states (copy)" in html and "sorted_states (copy)" in repr(trace["gather"])
+    else:
+        assert trace.calls[0].code_path is None and "^" not in text and "(copy)" not in html
 
 
-@pytest.mark.parametrize("options", [{}, {"shared_expert_intermediate_size": 16, "norm_topk_prob": False}])
-def test_trace_memory_recorded_bytes_equal_the_analytic_ones(options, x):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("options", [{}, {"shared_expert_intermediate_size": 16, "norm_topk_prob": False},
+                                     {"hidden_act": "gelu", "top_k_weights_float32": True, "dtype": torch.bfloat16}])
+def test_trace_memory_recorded_bytes_equal_the_analytic_ones(options, grad, x):
+    options = dict(options)
+    dtype = options.pop("dtype", torch.float32)
     config = moelab.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, top_k=K, **options)
     for backend in BACKENDS:
-        _, trace, _, _ = traced(backend, config, x)
-        assert not trace.memory.analytic_bytes.isna().any(), backend
+        moe = moelab.SparseMoE(config, backend, seed=0, dtype=dtype)
+        with moelab.inspect(moe) as trace, torch.set_grad_enabled(grad):
+            moe(x.to(dtype))  # grad: the parameters require grad, so grouped_mm takes its plain path
+        assert trace.calls[0].code_path == ({"grouped_mm": "plain" if grad else "cpu_lean"}.get(backend))
         memory = trace.memory
+        assert not memory.analytic_bytes.isna().any(), backend
         assert memory.recorded_bytes.tolist() == memory.analytic_bytes.tolist(), backend
         assert memory.attrs["analytic_peak_bytes"][0] == trace.calls[0].memory_estimate().peak_bytes
 
@@ -524,3 +543,30 @@ def test_plots_render_headless_with_the_expected_artists(config, x):
     _, eager_trace, _, _ = traced("eager", config, x)
     with pytest.raises(ValueError, match="permutation is grouped_mm's"):
         plots.plot_permutation(eager_trace)
+
+
+def test_record_step_copies_only_while_recording(config, x):
+    seen = []
+
+    def overwriting(experts, hidden_states, top_k_index, top_k_weights):
+        buffer = hidden_states * 2
+        moelab.record_step("double", "Double every token, then reuse the buffer.", doubled=buffer, copy=("doubled",))
+        seen.append(buffer)
+        return buffer.add_(1)  # overwrites what the step showed
+
+    moelab.ExpertsInterface.register("overwriting_test", overwriting, overwrite=True)
+    try:
+        moe = moelab.SparseMoE(config, "overwriting_test", seed=0)
+        with torch.no_grad():
+            moe(x)  # no inspection: record_step returns at once, nothing is copied
+            with moelab.inspect(moe) as trace:
+                out = moe(x)
+    finally:
+        moelab.ExpertsInterface.unregister("overwriting_test")
+    step = trace["double"]
+    assert step.copied == {"doubled"} and step.to_frame().copied.tolist() == [True]
+    assert torch.equal(step["doubled"], x * 2) and torch.equal(out, x * 2 + 1)  # the value at the step
+    assert step["doubled"].data_ptr() != seen[-1].data_ptr() and step.new_bytes == x.nbytes
+    with pytest.raises(ValueError, match="copy names"):
+        with moelab.inspect(moe):
+            moelab.record_step("bad", "A copy of a key the step does not have.", copy=("missing",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 
 import moelab
-from moelab import widgets
+from moelab import bench, widgets
 from moelab.widgets import BOUNDS, BackendExplorer, crossovers, seq_len_points
 
 
@@ -46,7 +47,7 @@ def test_real_run_rows_carry_the_slider_settings_and_the_figure_matches_the_tabl
     ex.set(num_experts=6, top_k=3, batch_size=2, seq_len=5, dtype="bfloat16")
     results = ex.run()
     assert results is ex.last_results and not ex.refused and ex.runs == 1
-    assert set(results["backend"]) == {"eager", "batched_mm", "grouped_mm"}
+    assert tuple(dict.fromkeys(results["backend"])) == widgets.BACKENDS == bench.FIXED_BACKENDS
     for column, value in {"top_k": 3, "num_experts": 6, "batch_size": 2, "dtype": "bfloat16", "compile": False}.items():
         assert (results[column] == value).all(), column
     assert sorted(set(results["seq_len"])) == seq_len_points(5) == [1, 2, 4, 5]
@@ -66,8 +67,9 @@ def test_real_run_rows_carry_the_slider_settings_and_the_figure_matches_the_tabl
     # the memory column is the peak of one call: for batched_mm at least its weight copies
     row = results[(results.backend == "batched_mm") & (results.seq_len == 5)].iloc[0]
     assert row["peak_bytes"] >= moelab.memory.analytic(ex.config(), 10, "batched_mm", "bfloat16").duplicated_bytes
-    if "status" in results:  # moelab.bench.sweep ran it: every measurement ok, memory measured
-        assert (results["status"] == "ok").all() and (results["peak_extra_bytes"] == results["peak_bytes"]).all()
+    # moelab.bench.sweep ran it: every measurement ok, memory measured
+    assert (results["status"] == "ok").all() and (results["peak_extra_bytes"] == results["peak_bytes"]).all()
+    assert (results["peak_estimate"] == "measured").all()
 
     # the widgets show it: a table naming the settings, a PNG of the figure, a green status
     html = ex.table_out.outputs[0]["data"]["text/html"]
@@ -234,3 +236,67 @@ def test_a_backend_without_memory_model_is_probed_and_guarded():
         assert set(real.loc[real.backend == "dense_test", "peak_estimate"]) == {"probed"}
     finally:
         moelab.ExpertsInterface.unregister("dense_test")
+
+
+# the tiny seeded configuration the explorer and a direct moelab.bench.sweep run alike
+TINY = dict(num_experts=4, top_k=2, batch_size=2, seq_len=3)
+DETERMINISTIC = ["status", "reason", "library", "backend", "chosen", "compiled", "pass", "num_tokens", "batch_size",
+                 "seq_len", "num_experts", "top_k", "pairs", "hidden_size", "intermediate_size", "dtype", "device",
+                 "num_threads", "clock", "useful_gflop", "estimate_bytes", "budget_bytes", "max_abs_diff_to_eager"]
+
+
+def test_the_explorer_sweep_is_moelab_bench_sweep(monkeypatch):
+    from moelab.widgets import sweeps
+
+    bench_sweep_module = importlib.import_module("moelab.bench.sweep")  # the module (`bench.sweep` is the function)
+
+    sweep_calls, timing_calls = [], []
+
+    def spy_sweep(*args, **kwargs):
+        sweep_calls.append(kwargs)
+        return bench.sweep(*args, **kwargs)
+
+    def spy_timing(stmts, **kwargs):
+        timing_calls.append(len(stmts))
+        return bench.measure_interleaved(stmts, **kwargs)
+    monkeypatch.setattr(sweeps, "sweep", spy_sweep)
+    monkeypatch.setattr(bench_sweep_module, "measure_interleaved", spy_timing)
+    ex = BackendExplorer(min_run_time=0.005, seed=3, backends=("eager", "grouped_mm", "auto"))
+    ex.set(**TINY)
+    results = ex.run()
+    assert len(sweep_calls) == 1 and timing_calls == [3, 3, 3]  # one sweep; each seq_len's 3 backends timed in turn
+    call = sweep_calls[0]
+    assert call["tokens"] == [(2, 1), (2, 2), (2, 3)] and call["backends"] == ("eager", "grouped_mm", "auto")
+    assert call["memory_budget"] == ex.budget_bytes and call["seed"] == 3
+    assert set(bench.COLUMNS) <= set(results.columns)
+    # a direct sweep over the same settings gives the same rows (timings aside: they are measured anew)
+    direct = bench.sweep(("eager", "grouped_mm", "auto"), tokens=[(2, 1), (2, 2), (2, 3)], num_experts=[4],
+                         top_k=[2], hidden_size=[ex.hidden_size], intermediate_size=[ex.intermediate_size],
+                         dtypes=["float32"], min_run_time=0.005, memory_budget=ex.budget_bytes, dense_limit=False,
+                         measure_memory=False, seed=3, progress=False)
+    pd.testing.assert_frame_equal(results[DETERMINISTIC], direct[DETERMINISTIC])
+    assert (results["median_ms"] > 0).all() and (results["max_abs_diff_to_eager"] < 1e-5).all()
+    assert set(results.loc[results.backend == "auto", "chosen"]) <= set(bench.FIXED_BACKENDS)
+
+
+def test_local_sweep_is_the_bench_sweep_with_estimated_memory_and_keeps_the_guard():
+    cfg = moelab.MoEConfig(hidden_size=64, intermediate_size=128, num_experts=4, top_k=2)
+    table = widgets.local_sweep(cfg, 2, [1, 4], ("eager", "batched_mm"), min_run_time=0.005)
+    assert set(bench.COLUMNS) <= set(table.columns) and (table["status"] == "ok").all()
+    assert table["peak_extra_bytes"].isna().all()  # not measured ...
+    for row in table.itertuples():  # ... but estimated by the memory model
+        assert row.peak_estimate == "analytic"
+        assert row.peak_bytes == moelab.memory.analytic(cfg, row.num_tokens, row.backend, "float32").peak_bytes
+    # over the budget nothing runs: the rows say why
+    calls = []
+
+    def spy(experts, hidden_states, top_k_index, top_k_weights):
+        calls.append(hidden_states.shape)
+        return moelab.ExpertsInterface.get("eager")(experts, hidden_states, top_k_index, top_k_weights)
+    moelab.ExpertsInterface.register("spy_widgets", spy)
+    try:
+        refused = widgets.bench_sweep(cfg, 2, [4], ("batched_mm", "spy_widgets"), budget_bytes=10_000)
+    finally:
+        moelab.ExpertsInterface.unregister("spy_widgets")
+    assert calls == [] and (refused["status"] == "skipped").all()
+    assert refused["reason"].str.contains("memory guard").all() and refused["median_ms"].isna().all()

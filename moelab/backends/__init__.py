@@ -1,6 +1,6 @@
-"""Experts backends: three ways to run the same expert matmuls, behind one registry.
+"""moelab.backends: three ways to run the same expert matmuls, behind one registry, plus `auto` choosing among them.
 
-Dimension letters, used in every shape comment of this package:
+Imports `moelab.core` only. Dimension letters, used in every shape comment of this package:
     T  tokens                    H  hidden size (token width)
     E  experts                   I  intermediate size (one expert's inner width)
     k  experts per token         S  = T * k, the (token, expert) pairs
@@ -8,8 +8,10 @@ Dimension letters, used in every shape comment of this package:
 Every backend has the signature
     fn(experts, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]
 and reads `experts.gate_up_proj [E, 2I, H]` (gate rows first, then up), `experts.down_proj [E, H, I]` and
-`experts.act_fn`. `eager` is the readable reference; the other two are the fast paths; `auto` picks one of
-the three per call.
+`experts.act_fn`. One idea a module: `eager` (the readable reference), `batched_mm`, `grouped_mm` (the plain
+algorithm; its steps on pairs in `pairs`, its grouped matmul in `grouped_matmul`), `cpu` (grouped_mm's CPU
+inference fast path, its reusable workspace, its compiled op), `auto` (the choice per call) and `calibration`
+(the crossover tables it chooses by).
 """
 
 from ..core.registry import ExpertsInterface
@@ -18,7 +20,9 @@ from .batched_mm import batched_mm_experts
 from .grouped_mm import grouped_mm_experts
 from .grouped_matmul import force_fallback, grouped_linear, matmul_path, PATH_COUNTS
 from .cpu.workspace import release_workspace, use_workspace, workspace_bytes
-from .auto import auto_experts, CrossoverTable, DEFAULT_CROSSOVERS
+from .calibration import (AUTO_CANDIDATES, CrossoverTable, DEFAULT_CROSSOVERS, calibration_path, crossovers,
+                          machine_key, reload_crossovers, set_crossovers, use_crossovers)
+from .auto import auto_experts, choose
 
 ExpertsInterface.register("eager", eager_experts, overwrite=True)
 ExpertsInterface.register("batched_mm", batched_mm_experts, overwrite=True)
@@ -28,5 +32,7 @@ ExpertsInterface.register("auto", auto_experts, overwrite=True)
 __all__ = [
     "ExpertsInterface", "eager_experts", "batched_mm_experts", "grouped_mm_experts",
     "force_fallback", "grouped_linear", "matmul_path", "PATH_COUNTS",
-    "auto_experts", "CrossoverTable", "DEFAULT_CROSSOVERS", "release_workspace", "use_workspace", "workspace_bytes",
+    "auto_experts", "choose", "CrossoverTable", "DEFAULT_CROSSOVERS", "AUTO_CANDIDATES", "crossovers",
+    "set_crossovers", "use_crossovers", "reload_crossovers", "calibration_path", "machine_key",
+    "release_workspace", "use_workspace", "workspace_bytes",
 ]

@@ -1,9 +1,10 @@
 """`grouped_linear`: rows of `x` grouped by `offsets`, group g multiplied by `weight[g].T`.
 
 Two paths compute the same thing:
-- native: `torch.nn.functional.grouped_mm`, one kernel for all groups (torch >= 2.9);
-- fallback: a loop of `torch.mm`, wrapped as a `torch.library` custom op with autograd, so it works for every
-  size and dtype and `torch.compile(fullgraph=True)` still captures it (as one opaque op).
+- native: `torch.nn.functional.grouped_mm`, one kernel for all groups;
+- fallback: a loop of `torch.mm` over the groups (`group_ranges`), wrapped as a `torch.library` custom op with
+  autograd, so it works for every size and dtype and `torch.compile(fullgraph=True)` still captures it (as one
+  opaque op). Only this loop can write into a given `out` buffer (the native kernel allocates its result).
 `matmul_path` says which one runs and why; `force_fallback()` forces the loop so tests cover both.
 """
 
@@ -13,8 +14,8 @@ import collections
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
-_native_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 PATH_COUNTS: collections.Counter = collections.Counter()  # eager-mode calls per path, for tests and notebooks
@@ -34,8 +35,6 @@ def force_fallback(enabled: bool = True):
 
 def matmul_path(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, str]:
     """("native" | "fallback", reason) for `grouped_linear(x [S, K], weight [E, N, K], ...)`."""
-    if _native_grouped_mm is None:
-        return "fallback", "torch.nn.functional.grouped_mm is missing (torch < 2.9)"
     if _force_fallback:
         return "fallback", "forced by moelab.backends.force_fallback()"
     if x.dtype not in _NATIVE_DTYPES:
@@ -53,17 +52,33 @@ def matmul_path(x: torch.Tensor, weight: torch.Tensor) -> tuple[str, str]:
     return "native", "torch.nn.functional.grouped_mm"
 
 
+def group_ranges(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
+    """offsets [E] (cumulative group ends) -> [(group, start, end)] for every group that has rows."""
+    # NOTE: tolist() is one host sync for all the group ends (inside a custom op, invisible to torch.compile)
+    ranges, start = [], 0
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            ranges.append((group, start, end))
+        start = end
+    return ranges
+
+
+def looped_linear_into(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                       out: torch.Tensor) -> torch.Tensor:
+    """The fallback loop: group g of x [S, K] times weight[g].T ([E, N, K]) written into out [S, N]."""
+    ranges = group_ranges(offsets)
+    for group, start, end in ranges:
+        torch.mm(x[start:end], weight[group].t(), out=out[start:end])
+    last = ranges[-1][2] if ranges else 0
+    if last < out.shape[0]:
+        out[last:].zero_()  # rows past the last offset belong to no group (not reached by our callers)
+    return out
+
+
 @torch.library.custom_op("moelab::grouped_linear_fallback", mutates_args=())
 def _grouped_linear_fallback(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [S, K], weight [E, N, K], offsets [E] (cumulative group ends) -> [S, N]."""
-    out = x.new_zeros(x.shape[0], weight.shape[1])  # [S, N]
-    start = 0
-    # NOTE: tolist() syncs with the host; inside a custom op that is invisible to torch.compile.
-    for group, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(x[start:end], weight[group].t(), out=out[start:end])
-        start = end
-    return out
+    return looped_linear_into(x, weight, offsets, x.new_empty(x.shape[0], weight.shape[1]))
 
 
 @_grouped_linear_fallback.register_fake
@@ -73,13 +88,10 @@ def _(x, weight, offsets):
 
 @torch.library.custom_op("moelab::grouped_linear_weight_grad", mutates_args=())
 def _grouped_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """grad [S, N], x [S, K] -> grad of weight [E, N, K]: group g gets grad_g.T @ x_g."""
+    """grad [S, N], x [S, K] -> grad of weight [E, N, K]: group g gets grad_g.T @ x_g (zero for empty groups)."""
     grad_weight = grad.new_zeros(offsets.shape[0], grad.shape[1], x.shape[1])  # [E, N, K]
-    start = 0
-    for group, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(grad[start:end].t(), x[start:end], out=grad_weight[group])
-        start = end
+    for group, start, end in group_ranges(offsets):
+        torch.mm(grad[start:end].t(), x[start:end], out=grad_weight[group])
     return grad_weight
 
 
@@ -111,31 +123,21 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
                    out: torch.Tensor | None = None):
     """x [S, K] sorted by group, weight [E, N, K], offsets [E] int32 -> [S, N]; `path` from `matmul_path`.
 
-    With `out` ([S, N], CPU, no autograd) the groups are written into it by a loop of `torch.mm(out=...)`:
-    on CPU that loop is exactly what the native `grouped_mm` kernel runs, minus allocating its result.
+    With `out` ([S, N], eager, no autograd) the fallback loop writes the groups into it: on CPU that loop is what
+    the native kernel runs, minus allocating its result. `out` with `path="native"` raises ValueError.
     """
-    if out is not None:
-        if not torch.compiler.is_compiling():
-            PATH_COUNTS["loop_out"] += 1
-        return _grouped_linear_into(x, weight, offsets, out)
     if path is None:
-        path = matmul_path(x, weight)[0]
+        path = "fallback" if out is not None else matmul_path(x, weight)[0]
+    if path not in ("native", "fallback"):
+        raise ValueError(f"path must be 'native' or 'fallback', got {path!r}")
+    if out is not None and path == "native":
+        raise ValueError("grouped_linear(out=...) writes through the torch.mm loop (path 'fallback'); the native "
+                         "grouped_mm kernel allocates its own result")
     if not torch.compiler.is_compiling():
         PATH_COUNTS[path] += 1
+    if out is not None:
+        return looped_linear_into(x, weight, offsets, out)
     if path == "native":
         # grouped_mm wants the weight column-major: the transpose of our contiguous [E, N, K] is exactly that
-        return _native_grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     return _grouped_linear_fallback(x, weight, offsets)
-
-
-def _grouped_linear_into(x, weight, offsets, out):
-    """The eager-only loop behind `grouped_linear(..., out=)`: group g of `x` times `weight[g].T` into `out`."""
-    start = 0
-    # NOTE: one host sync for all the group ends; a group with no rows costs nothing.
-    for group, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(x[start:end], weight[group].t(), out=out[start:end])
-        start = end
-    if start < out.shape[0]:
-        out[start:].zero_()  # rows past the last offset belong to no group (not reached by our callers)
-    return out

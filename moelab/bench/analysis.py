@@ -8,7 +8,9 @@ import pandas as pd
 from .io import label
 
 CONFIG = ["dtype", "num_experts", "top_k", "num_tokens", "pairs", "hidden_size", "intermediate_size"]
-FIXED = ("eager", "batched_mm", "grouped_mm")
+# the built-in backends that run one algorithm on every call, which the report judges `auto` against (auto picks
+# among them per call)
+FIXED_BACKENDS = ("eager", "batched_mm", "grouped_mm")
 
 
 def _ok(table: pd.DataFrame) -> pd.DataFrame:
@@ -42,7 +44,7 @@ def auto_vs_best(table: pd.DataFrame, compiled: bool = False, against: str = "sa
     for key, part in t.groupby(CONFIG):
         mine = part["compiled"].astype(bool) == compiled
         auto = part[mine & (part["backend"] == "auto")]
-        fixed = part[part["backend"].isin(FIXED) & (mine if against == "same" else True)]
+        fixed = part[part["backend"].isin(FIXED_BACKENDS) & (mine if against == "same" else True)]
         if auto.empty or fixed.empty:
             continue
         best = fixed.loc[fixed["median_ms"].idxmin()]
@@ -72,7 +74,8 @@ def dense_fractions(table: pd.DataFrame, min_pairs: int = 4096, variants=None) -
     return wide.reset_index()
 
 
-def fastest(table: pd.DataFrame, library: str = "moelab", backends=FIXED, compiled: bool = False) -> pd.DataFrame:
+def fastest(table: pd.DataFrame, library: str = "moelab", backends=FIXED_BACKENDS,
+            compiled: bool = False) -> pd.DataFrame:
     """Per configuration: the fastest of `backends`, its margin over the runner-up, and the whole ranking."""
     t = _ok(table)
     t = t[(t["library"] == library) & t["backend"].isin(backends) & (t["compiled"].astype(bool) == compiled)]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backends.grouped_matmul import grouped_linear
+from ..backends.pairs import expert_offsets, sort_by_expert
+
 
 def useful_flops(num_tokens: int, top_k: int, hidden_size: int, intermediate_size: int, backward: bool = False) -> int:
     """FLOPs the experts must do: per pair 2*H*2I (up) + 2*I*H (down) = 6*H*I; backward adds twice that."""
@@ -36,9 +39,6 @@ def grouped_gemm_pair(experts, top_k_index, dtype, device, generator, cached: bo
     cached: every group multiplies by expert 0's weights (a stride-0 view), so the weights stay in cache: the
     same FLOPs and group sizes without streaming E experts' weights from memory on every call.
     """
-    from ..backends.grouped_matmul import grouped_linear
-    from ..backends.grouped_mm import expert_offsets, sort_by_expert
-
     _, sorted_ids = sort_by_expert(top_k_index)
     offsets = expert_offsets(sorted_ids, experts.num_experts)
     S = top_k_index.numel()

@@ -5,7 +5,7 @@ expert), the backend chosen is the one with the smallest worst-case slowdown aga
 configurations sharing that x (so a choice that is best at E=8 but bad at E=64 loses to one that is good at
 both). A crossover lies at the geometric midpoint between two measured x whose choices differ. Both units are
 fitted; the one whose choices lose least over the sweep is kept. The table is stored per machine
-(`moelab.backends.auto.calibration_path()`) and read by `auto` from then on.
+(`moelab.backends.calibration_path()`) and read by `auto` from then on.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import math
 import pandas as pd
 import torch
 
-from ..backends import auto as auto_backend
-from ..backends.auto import CANDIDATES, DEFAULT_CROSSOVERS, CrossoverTable
+from ..backends.calibration import (AUTO_CANDIDATES, DEFAULT_CROSSOVERS, UNITS, CrossoverTable, calibration_path,
+                                    machine_key, reload_crossovers)
+from .sweep import sweep
 
 PREFERENCE = ("grouped_mm", "eager", "batched_mm")  # on a tie: no weight copies first
 
@@ -79,7 +80,7 @@ def _fit(ok: pd.DataFrame, unit: str, tolerance: float):
     ok = _compiled_grouped_is_lean(ok)
     for (device, dtype, compiled), part in ok.groupby(["device", "dtype", "compiled"]):
         key = f"{torch.device(device).type}/{dtype}/{'compiled' if compiled else 'eager'}"
-        candidates = [b for b in CANDIDATES if not (compiled and b == "eager")]
+        candidates = [b for b in AUTO_CANDIDATES if not (compiled and b == "eager")]
         part = part.assign(x=part["pairs"] if unit == "pairs" else part["pairs"] / part["num_experts"])
         choice_by_x, penalties, scores = _fit_part(part, candidates, tolerance)
         if not choice_by_x:
@@ -105,15 +106,15 @@ def crossovers_from_sweep(table: pd.DataFrame, tolerance: float = 0.0, unit: str
     own rule ("/E=<n>"), which `auto` applies to layers with the nearest number of experts. Keys the sweep does
     not cover keep the defaults.
     """
-    ok = table[(table["library"] == "moelab") & table["backend"].isin(CANDIDATES) & (table["status"] == "ok")]
+    ok = table[(table["library"] == "moelab") & table["backend"].isin(AUTO_CANDIDATES) & (table["status"] == "ok")]
     if ok.empty:
-        raise ValueError("the sweep has no measured moelab rows for eager / batched_mm / grouped_mm")
-    units = auto_backend.UNITS if unit == "auto" else (unit,)
+        raise ValueError(f"the sweep has no measured moelab rows for {' / '.join(AUTO_CANDIDATES)}")
+    units = UNITS if unit == "auto" else (unit,)
     fits = {u: _fit(ok, u, tolerance) for u in units}
     chosen = min(units, key=lambda u: (fits[u][2], u != "pairs"))
     rules, scores_meta, worst = fits[chosen]
     env = table.attrs.get("environment", {})
-    meta = {"machine_key": auto_backend.machine_key(), "environment": env, "scores": scores_meta,
+    meta = {"machine_key": machine_key(), "environment": env, "scores": scores_meta,
             "worst_penalty": {u: fits[u][2] for u in units},
             "grid": {c: sorted(map(int, ok[c].unique())) for c in ("num_tokens", "num_experts", "top_k",
                                                                     "hidden_size", "intermediate_size")}}
@@ -139,16 +140,14 @@ def calibrate(tokens=(1, 4, 16, 64, 256, 1024, 2048), num_experts=(8, 64), top_k
 
     Include `compiled=(False, True)` to calibrate the compiled mode too (slow: one compilation per point).
     """
-    from .sweep import sweep
-
-    table = sweep(CANDIDATES, tokens, num_experts, top_k, hidden_size, intermediate_size, dtypes, compiled,
+    table = sweep(AUTO_CANDIDATES, tokens, num_experts, top_k, hidden_size, intermediate_size, dtypes, compiled,
                   device=device, num_threads=num_threads, min_run_time=min_run_time, memory_budget=memory_budget,
                   measure_memory=False, dense_limit=False, progress=progress)
     result = crossovers_from_sweep(table, tolerance=tolerance, unit=unit)
     if save:
-        target = path or auto_backend.calibration_path()
+        target = path or calibration_path()
         result.save(target)
         result.meta["path"] = str(target)
         if path is None:
-            auto_backend.reload_crossovers()
+            reload_crossovers()
     return result

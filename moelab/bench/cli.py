@@ -5,7 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .sweep import DEFAULT_BACKENDS, DEFAULT_GRID
+import pandas as pd
+
+from . import io, plots
+from .calibrate import calibrate
+from .sweep import DEFAULT_BACKENDS, DEFAULT_GRID, sweep
 
 
 def _ints(text: str) -> list[int]:
@@ -92,11 +96,6 @@ def _compiled(choice: str) -> tuple[bool, ...]:
 
 
 def run_bench(args) -> int:
-    import pandas as pd
-
-    from . import io, plots
-    from .sweep import sweep
-
     try:
         table = sweep(_names(args.backends), _tokens(args.tokens), _ints(args.experts), _ints(args.top_k),
                       _ints(args.hidden), _ints(args.intermediate), _names(args.dtype), _compiled(args.compile),
@@ -104,15 +103,19 @@ def run_bench(args) -> int:
                       backward=args.backward, min_run_time=args.min_run_time, memory_budget=args.memory_budget,
                       measure_memory=not args.no_memory, gemm_bound=args.gemm_bound, clock=args.clock,
                       compile_mode=args.compile_mode, seed=args.seed, progress=not args.quiet)
-    except (ValueError, ImportError) as err:
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # --compare-transformers without transformers: the message names the extra
+        print(f"error: --compare-transformers: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     paths = io.save(table, out)
     env = table.attrs["environment"]
     print(f"moelab {env['moelab_version']}, torch {env['torch_version']}, transformers "
-          f"{env['transformers_version']}, {env['device_name']} ({env['cpu_capability']}), "
-          f"{env['num_threads']} thread(s), {env['clock']} clock, {table['pass'].iloc[0]}")
+          f"{env['transformers_version']}, {env['num_threads']} thread(s), {env['clock']} clock, "
+          f"{table['pass'].iloc[0]}")
+    print(env["cpu_description"] if env["device"].startswith("cpu") else env["device_name"])
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_rows", 500):
         print("\nmedian time per call (ms); dense = the dense limit; x/hf = moelab time / transformers time")
         print(io.summary(table, "median_ms").to_string(float_format=lambda v: f"{v:.4g}"))
@@ -126,12 +129,12 @@ def run_bench(args) -> int:
                   f"{r['dtype']}: {r['reason']}")
     written = [paths["csv"], paths["json"]]
     if not args.no_plots and (table["status"] == "ok").any():
-        written += _write_plots(table, out, plots)
+        written += _write_plots(table, out)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
 
-def _write_plots(table, out: Path, plots) -> list[Path]:
+def _write_plots(table, out: Path) -> list[Path]:
     written = []
     ok = table[table["status"] == "ok"]
     for dtype in dict.fromkeys(ok["dtype"]):
@@ -150,8 +153,6 @@ def _write_plots(table, out: Path, plots) -> list[Path]:
 
 
 def run_calibrate(args) -> int:
-    from .calibrate import calibrate
-
     try:
         table = calibrate(_tokens(args.tokens), _ints(args.experts), _ints(args.top_k), _ints(args.hidden)[0],
                           _ints(args.intermediate)[0], _names(args.dtype), _compiled(args.compile),

@@ -4,36 +4,45 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-import torch.utils.benchmark as benchmark
 
 from ..core.registry import ExpertsInterface
 from ..core.config import MoEConfig
 from ..core.dtypes import parse_dtype
 from ..layer.moe import SparseMoE
+from .analysis import FIXED_BACKENDS
+from .env import resolve_clock
+from .timing import measure_interleaved
+
 
 def compare_backends(config: MoEConfig, num_tokens: int = 128, dtype="float32", backends=None, seed: int = 0,
-                     min_run_time: float = 0.2, num_threads: int = 1) -> pd.DataFrame:
-    """One row per backend: max |output - eager output|, median time in ms and its interquartile range."""
+                     min_run_time: float = 0.2, num_threads: int = 1, clock: str = "auto",
+                     min_runs: int = 5) -> pd.DataFrame:
+    """One row per backend (default `FIXED_BACKENDS`): max |output - eager output|, the largest |eager output|,
+    median time in ms of one `SparseMoE` forward, its interquartile range and the number of timed calls.
+
+    Timed with `moelab.bench.timing.measure_interleaved`, the backends in turn (torch.utils.benchmark blocks), so
+    a shared machine's drift lands in every backend alike; `clock` as in `moelab.bench.sweep` ("auto": this
+    process's CPU time for one thread, else wall time).
+    """
     dtype = parse_dtype(dtype)
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
         raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
-    backends = list(backends or ["eager", "batched_mm", "grouped_mm"])
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+    backends = list(backends or FIXED_BACKENDS)
     for name in backends:
         ExpertsInterface.validate(name)
-    moe = SparseMoE(config, seed=seed, dtype=dtype)
+    clock = resolve_clock(clock, "cpu", num_threads)
+    # NOTE: one layer per backend (same seed: same weights), so that each timed statement runs its own backend
+    layers = {name: SparseMoE(config, name, seed=seed, dtype=dtype) for name in backends}
     # NOTE: seed + 1: drawn from the weights' own seed, x would copy the router's rows and route degenerately
     x = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    rows = []
     with torch.no_grad():
-        moe.set_experts_implementation("eager")
-        reference = moe(x).float()
-        for name in backends:
-            moe.set_experts_implementation(name)
-            out = moe(x).float()
-            timer = benchmark.Timer("moe(x)", globals={"moe": moe, "x": x}, num_threads=num_threads,
-                                    label="SparseMoE forward", sub_label=name)
-            m = timer.blocked_autorange(min_run_time=min_run_time)
-            rows.append({"backend": name, "max_abs_diff_to_eager": (out - reference).abs().max().item(),
-                         "max_abs_output": reference.abs().max().item(), "median_ms": m.median * 1e3,
-                         "iqr_ms": m.iqr * 1e3, "runs": len(m.times)})
-    return pd.DataFrame(rows)
+        reference = SparseMoE(config, "eager", seed=seed, dtype=dtype)(x).float()
+        diffs = {name: (moe(x).float() - reference).abs().max().item() for name, moe in layers.items()}  # + warm-up
+        timings = measure_interleaved([lambda moe=moe: moe(x) for moe in layers.values()], num_threads=num_threads,
+                                      clock=clock, min_run_time=min_run_time, min_runs=min_runs)
+    return pd.DataFrame([{"backend": name, "max_abs_diff_to_eager": diffs[name],
+                          "max_abs_output": reference.abs().max().item(), "median_ms": timing["median_ms"],
+                          "iqr_ms": timing["iqr_ms"], "runs": timing["runs"]}
+                         for name, timing in zip(layers, timings)])

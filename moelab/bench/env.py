@@ -1,4 +1,4 @@
-"""The environment a benchmark ran in: versions, device, threads, CPU capability, and the clock it read."""
+"""The environment a benchmark ran in: versions, device, threads, CPU model and features, and the clock it read."""
 
 from __future__ import annotations
 
@@ -8,18 +8,13 @@ import time
 
 import torch
 
+from ..core.machine import cpu_description, cpu_flags, cpu_model, native_bf16
+from ..hf import require_transformers
+from ..models.io import package_version
+
 CLOCKS = ("auto", "wall", "process")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# the CPU flags a record keeps: the vector and matrix instruction sets the kernels choose between
+ISA_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4")
 
 
 def resolve_clock(clock: str, device, num_threads: int) -> str:
@@ -48,12 +43,15 @@ def load_average() -> tuple[float, float, float] | None:
 
 
 def environment(device="cpu", num_threads: int = 1, clock: str = "auto") -> dict:
-    """A JSON-able record of where the numbers come from."""
-    import moelab
+    """A JSON-able record of where the numbers come from.
 
+    The CPU facts come from `moelab.core.machine`: `cpu_model`, `cpu_capability` (the kernels torch picked),
+    `cpu_flags` (the vector/matrix instruction-set flags, sorted), `native_bf16` (bfloat16 dot-product instructions,
+    without which bf16 GEMMs are emulated) and `cpu_description` (all of it in one line).
+    """
     device = torch.device(device)
     env = {
-        "moelab_version": moelab.__version__,
+        "moelab_version": package_version(),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
@@ -61,6 +59,9 @@ def environment(device="cpu", num_threads: int = 1, clock: str = "auto") -> dict
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": sorted(flag for flag in cpu_flags() if flag.startswith(ISA_FLAG_PREFIXES)),
+        "native_bf16": native_bf16(),
+        "cpu_description": cpu_description(),
         "cpu_count": os.cpu_count(),
         "num_threads": num_threads,
         "clock": resolve_clock(clock, device, num_threads),
@@ -68,9 +69,7 @@ def environment(device="cpu", num_threads: int = 1, clock: str = "auto") -> dict
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     try:
-        import transformers
-
-        env["transformers_version"] = transformers.__version__
-    except ImportError:
+        env["transformers_version"] = require_transformers().__version__
+    except ImportError:  # not installed (or older than moelab.hf supports)
         env["transformers_version"] = None
     return env

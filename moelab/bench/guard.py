@@ -9,13 +9,14 @@ peak plus one more copy of the weights, a deliberately generous figure.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
 import torch
 
 from .. import memory
-from ..backends import auto as auto_backend
+from ..backends.auto import choose
 
 DEFAULT_FRACTION = 0.5  # of the memory available when the sweep starts
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6, "mib": 2 ** 20,
@@ -39,8 +40,6 @@ def available_memory(device="cpu") -> int:
 
         return int(psutil.virtual_memory().available)
     except ImportError:
-        import os
-
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
@@ -91,7 +90,7 @@ def backend_peak(config, num_tokens: int, backend: str, dtype, *, device="cpu",
     name = backend
     note = ""
     if backend == "auto":
-        name, _ = auto_backend.choose(num_tokens * config.top_k, dtype, device, compiled, config.num_experts)
+        name, _ = choose(num_tokens * config.top_k, dtype, device, compiled, config.num_experts)
         note = f"auto -> {name}"
     if name in memory.BACKENDS:
         return int(memory.analytic(config, num_tokens, name, dtype, router=False).peak_bytes), note

@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from .analysis import FIXED_BACKENDS
 from .io import label
 
 _MARKERS = "osD^vP*X<>"
@@ -119,7 +120,7 @@ def plot_time(table: pd.DataFrame, dtype=None, variants=None, dense: bool = True
     rows, cols = _facets(t)
     fig, axes = _panel_grid(rows, cols)
     if annotate is True:
-        fixed = [v for v in variants if v in ("eager", "batched_mm", "grouped_mm")]
+        fixed = [v for v in variants if v in FIXED_BACKENDS]
         annotate = list(itertools.combinations(fixed, 2))
     for (r, (dt, E)), (c, k) in itertools.product(enumerate(rows), enumerate(cols)):
         ax = axes[r, c]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..hf.inspect_adapter import NAMESAKE_BACKENDS
 from ..memory import format_bytes
 from . import analysis
 from .io import label
-from .report_sections import (FIXED, _pct, _range, _shape, compiled_run, section_auto, section_claims,
-                              section_dense, section_transformers)
+from .report_sections import (compiled_run, pct, section_auto, section_claims, section_dense,
+                              section_transformers, shape_text, span)
 
 
 def _verdict(hits: int, total: int) -> str:
@@ -33,7 +34,7 @@ def section_summary(default, compiled, min_pairs: int = 4096) -> list[str]:
     """The answers first: the targets and the reference page's CPU claims, one line each."""
     lines = ["## Summary", ""]
     worst = {}
-    for b in FIXED:
+    for b in NAMESAKE_BACKENDS:
         r = analysis.ratio_table(default, b, f"hf:{b}")
         if len(r):
             worst[b] = (r["ratio"].median(), (r["verdict"] == "slower").sum(), len(r), r["ratio"].max())
@@ -47,10 +48,10 @@ def section_summary(default, compiled, min_pairs: int = 4096) -> list[str]:
         g = frac["grouped_mm"]
         vs_eager = analysis.ratio_table(default, "grouped_mm", "eager")
         vs_eager = vs_eager[vs_eager["pairs"] >= min_pairs]
-        lines.append(f"- **grouped_mm at S ≥ {min_pairs}**: {_range(g, _pct)} of the dense limit (≥ 90% at "
-                     f"{(g >= 0.9).sum()} of {len(g)} shapes; transformers' {_range(frac.get('hf:grouped_mm'), _pct)}"
-                     f"); the bare grouped GEMMs alone reach {_range(frac['grouped_gemm_bound'], _pct)} "
-                     f"({_range(frac['cached_gemm_bound'], _pct)} with the weights cached); no slower than eager at "
+        lines.append(f"- **grouped_mm at S ≥ {min_pairs}**: {span(g, pct)} of the dense limit (≥ 90% at "
+                     f"{(g >= 0.9).sum()} of {len(g)} shapes; transformers' {span(frac.get('hf:grouped_mm'), pct)}"
+                     f"); the bare grouped GEMMs alone reach {span(frac['grouped_gemm_bound'], pct)} "
+                     f"({span(frac['cached_gemm_bound'], pct)} with the weights cached); no slower than eager at "
                      f"{(vs_eager['verdict'] != 'slower').sum()} of {len(vs_eager)} shapes.")
     both = compiled_run(default, compiled)
     for name, table, comp in (("uncompiled", default, False), ("compiled", both, True)):
@@ -87,7 +88,7 @@ def section_skipped(default, compiled) -> list[str]:
         lines += [f"- {name}: {len(rows)} of {len(table)} measurements not run.", "",
                   "<details><summary>Which, and the reason recorded</summary>", ""]
         for _, r in rows.iterrows():
-            lines.append(f"  - {r['status']}: {label(r)} {_shape(r)}: {r['reason']}")
+            lines.append(f"  - {r['status']}: {label(r)} {shape_text(r)}: {r['reason']}")
         lines += ["", "</details>", ""]
     lines.append("")
     return lines
@@ -138,9 +139,9 @@ def markdown(default: pd.DataFrame, compiled: pd.DataFrame | None = None, images
         lines += [f"**{name.removesuffix('.png')}** — {cap}.", "", f"![{name}]({path})", ""]
     lines += section_skipped(default, compiled)
     lines += ["## 7. What changed in the backends to get here", "",
-              "- `grouped_mm` on CPU inference (no autograd, no inspection, not compiling) takes a lean path: the same "
+              "- `grouped_mm` on CPU inference (no autograd, not compiling) takes its fast path, `moelab/backends/cpu/lean.py`: the same "
               "steps, but dead intermediates are overwritten in place and the large ones live in a per-thread "
-              "workspace (`moelab.backends.workspace`), written by `torch.mm(out=...)` per group — exactly the loop "
+              "workspace (`moelab.backends.cpu.workspace`), written by `torch.mm(out=...)` per group — exactly the loop "
               "the native CPU `grouped_mm` kernel runs, minus allocating its result. Profiling showed where the time "
               "went: fresh multi-MiB buffers are fresh pages (glibc returns buffers ≥ 32 MiB to the OS on free and "
               "trims the heap), one page fault per 4 KiB, ~1.7 µs each here: 12,000–98,000 faults per call at "

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..hf.inspect_adapter import NAMESAKE_BACKENDS
 from ..memory import format_bytes
 from . import analysis
+from .analysis import FIXED_BACKENDS
 from .io import label
 
-FIXED = analysis.FIXED
 
-
-def _shape(r) -> str:
+def shape_text(r) -> str:
+    """A measured shape in a sentence: 'bfloat16 E=8 k=2 T=512'."""
     return f"{r['dtype']} E={r['num_experts']} k={r['top_k']} T={r['num_tokens']}"
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
+    """0.93 -> '93%'; '' for a missing value."""
     return "" if v is None or v != v else f"{100 * v:.0f}%"
 
 
@@ -25,10 +27,10 @@ def _x(v, digits=2) -> str:
     return "" if v is None or v != v else f"{v:.{digits}f}"
 
 
-def _range(values, fmt=_x) -> str:
+def span(values, fmt=_x) -> str:
+    """'lowest–highest' of the values present (NaN and None left out), each written by `fmt`; 'n/a' if none."""
     values = [v for v in (values if values is not None else []) if v == v]
     return f"{fmt(min(values))}–{fmt(max(values))}" if values else "n/a"
-
 
 
 def compiled_run(default, compiled):
@@ -50,7 +52,7 @@ def section_transformers(default) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     detail = {}
     verdicts = {}
-    for b in FIXED:
+    for b in NAMESAKE_BACKENDS:
         r = analysis.ratio_table(default, b, f"hf:{b}")
         detail[b] = r
         counts = r["verdict"].value_counts()
@@ -67,9 +69,10 @@ def section_transformers(default) -> list[str]:
     else:
         lines.append(f"**Target missed at {len(slower)} shape(s)** (ratio > 1, IQRs apart):")
         for _, r in slower.iterrows():
-            lines.append(f"- `{r['backend']}` {_shape(r)}: {r['ratio']:.3f}")
+            lines.append(f"- `{r['backend']}` {shape_text(r)}: {r['ratio']:.3f}")
     lines += ["", "<details><summary>Every shape</summary>", "",
-              "| dtype | E | k | T | S | eager | batched_mm | grouped_mm |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| dtype | E | k | T | S | " + " | ".join(NAMESAKE_BACKENDS) + " |",
+              "| --- " * (5 + len(NAMESAKE_BACKENDS)) + "|"]
     keys = ["dtype", "num_experts", "top_k", "num_tokens", "pairs"]
     merged = None
     for b, d in detail.items():
@@ -77,7 +80,8 @@ def section_transformers(default) -> list[str]:
         merged = col if merged is None else merged.merge(col, on=keys, how="outer")
     mark = {"faster": "", "equal (IQRs overlap)": " ≈", "slower": " **✗**"}
     for _, r in merged.sort_values(keys).iterrows():
-        cells = [f"{_x(r[b], 3)}{mark.get(r[f'{b}_v'], '')}" if r[b] == r[b] else "skipped" for b in FIXED]
+        cells = [f"{_x(r[b], 3)}{mark.get(r[f'{b}_v'], '')}" if r[b] == r[b] else "skipped"
+                 for b in NAMESAKE_BACKENDS]
         lines.append(f"| {r['dtype']} | {r['num_experts']} | {r['top_k']} | {r['num_tokens']} | {r['pairs']} | "
                      + " | ".join(cells) + " |")
     lines += ["", "</details>", ""]
@@ -107,34 +111,34 @@ def section_dense(default, min_pairs: int = 4096) -> list[str]:
         ok_target.append((r, g, eager_over_grouped))
         other_share.append(other)
         lines.append(f"| {r['dtype']} | {r['num_experts']} | {r['top_k']} | {r['num_tokens']} | {r['pairs']} | "
-                     f"{_pct(g)} | {_pct(e)} | {_pct(r.get('hf:grouped_mm'))} | {_pct(r.get('hf:eager'))} | "
-                     f"{_pct(r.get('grouped_gemm_bound'))} | {_pct(r.get('cached_gemm_bound'))} | {_pct(other)} | "
+                     f"{pct(g)} | {pct(e)} | {pct(r.get('hf:grouped_mm'))} | {pct(r.get('hf:eager'))} | "
+                     f"{pct(r.get('grouped_gemm_bound'))} | {pct(r.get('cached_gemm_bound'))} | {pct(other)} | "
                      f"{_x(eager_over_grouped)} |")
     met = [r for r, g, eg in ok_target if g >= 0.9]
     vs_eager = analysis.ratio_table(default, "grouped_mm", "eager")
     vs_eager = vs_eager[vs_eager["pairs"] >= min_pairs]
     not_slower = vs_eager[vs_eager["verdict"] != "slower"]
     lines += ["", f"- moelab grouped_mm ≥ 90% of the dense limit at {len(met)} of {len(ok_target)} shapes "
-                  f"(range {_range([g for _, g, _ in ok_target], _pct)}); "
-                  f"transformers' grouped_mm: {_range(frac.get('hf:grouped_mm', pd.Series(dtype=float)), _pct)}.",
+                  f"(range {span([g for _, g, _ in ok_target], pct)}); "
+                  f"transformers' grouped_mm: {span(frac.get('hf:grouped_mm', pd.Series(dtype=float)), pct)}.",
               f"- moelab grouped_mm no slower than moelab eager at {len(not_slower)} of {len(vs_eager)} shapes "
-              f"(IQRs overlapping count as equal; eager time / grouped time {_range([eg for *_, eg in ok_target])})."]
+              f"(IQRs overlapping count as equal; eager time / grouped time {span([eg for *_, eg in ok_target])})."]
     below = [(r, g) for r, g, _ in ok_target if g < 0.9]
     if below:
         lines.append("- Below 90%: " + "; ".join(
-            f"{_shape(r)} {_pct(g)} (GEMMs {_pct(r.get('grouped_gemm_bound'))}"
-            + (f", cached {_pct(r['cached_gemm_bound'])}" if r.get('cached_gemm_bound') == r.get('cached_gemm_bound')
+            f"{shape_text(r)} {pct(g)} (GEMMs {pct(r.get('grouped_gemm_bound'))}"
+            + (f", cached {pct(r['cached_gemm_bound'])}" if r.get('cached_gemm_bound') == r.get('cached_gemm_bound')
                else "") + ")" for r, g in below) + ".")
     many = [(r, g, o) for (r, g, _), o in zip(ok_target, other_share)
             if g < 0.9 and r["num_experts"] == frac["num_experts"].max()]
     if many and all(r.get("cached_gemm_bound") == r.get("cached_gemm_bound") for r, _, _ in many):
         lines.append(
             f"- Below 90% with E = {many[0][0]['num_experts']}: the bare GEMMs reach "
-            f"{_range([r['grouped_gemm_bound'] for r, _, _ in many], _pct)} of the dense limit, "
-            f"{_range([r['cached_gemm_bound'] for r, _, _ in many], _pct)} once the weights stay in cache: every call "
+            f"{span([r['grouped_gemm_bound'] for r, _, _ in many], pct)} of the dense limit, "
+            f"{span([r['cached_gemm_bound'] for r, _, _ in many], pct)} once the weights stay in cache: every call "
             "reads each expert's weights from memory (and the GEMM packs them) for only S/E rows, a cost the dense "
             "limit (one weight matrix) never pays, and small per-expert GEMMs run below the dense rate even from "
-            f"cache. The backend's other steps take {_range([o for *_, o in many], _pct)} of its time there.")
+            f"cache. The backend's other steps take {span([o for *_, o in many], pct)} of its time there.")
     lines.append("")
     return lines
 
@@ -160,7 +164,7 @@ def section_auto(default, compiled) -> list[str]:
         over = r[r["ratio"] > 1.10]
         lines.append(f"- **{name}**: {len(r)} shapes, worst ratio {r['ratio'].max():.3f}, median "
                      f"{r['ratio'].median():.3f}; above 1.10 at {len(over)} shape(s)"
-                     + (": " + "; ".join(f"{_shape(x)} {x['ratio']:.2f} (auto took {x['chosen']}, fastest "
+                     + (": " + "; ".join(f"{shape_text(x)} {x['ratio']:.2f} (auto took {x['chosen']}, fastest "
                                          f"{x['best_fixed']})" for _, x in over.iterrows()) if len(over) else "")
                      + ".")
     lines += ["", "<details><summary>Every shape</summary>", "",
@@ -196,13 +200,13 @@ def section_claims(default, compiled) -> list[str]:
                   f"- *\"grouped_mm: most efficient backend for all input sizes\"*: fastest (or tied within the IQR) "
                   f"at **{len(grouped_first)} of {n}** shapes"
                   + ("." if others.empty else "; not at " + "; ".join(
-                      f"{_shape(r)} ({r['ranking']}, {r['runner_up_over_fastest']:.2f}x)"
+                      f"{shape_text(r)} ({r['ranking']}, {r['runner_up_over_fastest']:.2f}x)"
                       for _, r in others.iterrows()) + "."),
                   f"- *\"eager: slower than grouped_mm\"*: at **{eager_slower} of {n}** shapes.",
                   f"- *\"eager: faster than batched_mm\"*: at **{eager_faster_than_batched} of {len(both)}** shapes "
                   "where batched_mm ran.",
                   f"- *\"batched_mm: not recommended (significantly slower)\"*: batched_mm / grouped_mm time = "
-                  f"**{_range(ratio_bg)}x** ({len(ratio_bg)} shapes; the others were skipped by the memory guard).",
+                  f"**{span(ratio_bg)}x** ({len(ratio_bg)} shapes; the others were skipped by the memory guard).",
                   ""]
     ok = default[(default["status"] == "ok")]
     # reference figures for transformers 5.23 on a machine like ours
@@ -217,27 +221,27 @@ def section_claims(default, compiled) -> list[str]:
     lines += ["### The reference figures (transformers 5.23 on a machine like ours) against ours", "",
               "| claim | reference | measured here (transformers " + str(default.attrs['environment'].get(
                   'transformers_version')) + ") | moelab |", "| --- | --- | --- | --- |",
-              f"| hf grouped_mm, fraction of the dense limit at S ≥ 4096 | 52–93% | {_range(hf_g, _pct)} | "
-              f"{_range(frac.get('grouped_mm'), _pct)} |",
-              f"| … in bfloat16 at S = 16384 | 57–64% | {_range(bf.get('hf:grouped_mm'), _pct)} | "
-              f"{_range(bf.get('grouped_mm'), _pct)} |",
-              f"| hf eager, fraction of the dense limit at S ≥ 4096 | 84–107% | {_range(hf_e, _pct)} | "
-              f"{_range(frac.get('eager'), _pct)} |",
-              f"| eager time / grouped_mm time at S ≥ 4096 (< 1: grouped_mm slower) | 0.62–0.97 | {_range(eg)} | "
-              f"{_range(frac['grouped_mm'] / frac['eager'] if {'eager', 'grouped_mm'} <= set(frac) else None)} |",
-              f"| uncompiled batched_mm / grouped_mm time | 3–290x | {_range(batched_ratio, lambda v: f'{v:.1f}')}x | "
-              f"{_range([r['batched_mm_ms'] / r['grouped_mm_ms'] for _, r in analysis.fastest(default).iterrows() if r.get('batched_mm_ms') == r.get('batched_mm_ms')], lambda v: f'{v:.1f}')}x |"]
+              f"| hf grouped_mm, fraction of the dense limit at S ≥ 4096 | 52–93% | {span(hf_g, pct)} | "
+              f"{span(frac.get('grouped_mm'), pct)} |",
+              f"| … in bfloat16 at S = 16384 | 57–64% | {span(bf.get('hf:grouped_mm'), pct)} | "
+              f"{span(bf.get('grouped_mm'), pct)} |",
+              f"| hf eager, fraction of the dense limit at S ≥ 4096 | 84–107% | {span(hf_e, pct)} | "
+              f"{span(frac.get('eager'), pct)} |",
+              f"| eager time / grouped_mm time at S ≥ 4096 (< 1: grouped_mm slower) | 0.62–0.97 | {span(eg)} | "
+              f"{span(frac['grouped_mm'] / frac['eager'] if {'eager', 'grouped_mm'} <= set(frac) else None)} |",
+              f"| uncompiled batched_mm / grouped_mm time | 3–290x | {span(batched_ratio, lambda v: f'{v:.1f}')}x | "
+              f"{span([r['batched_mm_ms'] / r['grouped_mm_ms'] for _, r in analysis.fastest(default).iterrows() if r.get('batched_mm_ms') == r.get('batched_mm_ms')], lambda v: f'{v:.1f}')}x |"]
     b1024 = ok[(ok["backend"] == "batched_mm") & (ok["pairs"] == 1024) & (ok["dtype"] == "bfloat16")]
     if len(b1024):
         copied = 1024 * 3 * 1024 * 512 * 2
         lines.append(f"| batched_mm copies S·3·H·I weight elements (3 GiB at S = 1024 in bfloat16) | 3 GiB | "
-                     f"peak extra {_range(b1024[b1024['library'] == 'transformers']['peak_extra_bytes'], format_bytes)} "
-                     f"| peak extra {_range(b1024[b1024['library'] == 'moelab']['peak_extra_bytes'], format_bytes)} "
+                     f"peak extra {span(b1024[b1024['library'] == 'transformers']['peak_extra_bytes'], format_bytes)} "
+                     f"| peak extra {span(b1024[b1024['library'] == 'moelab']['peak_extra_bytes'], format_bytes)} "
                      f"(the copy alone: {format_bytes(copied)}) |")
     if compiled is not None:
         run = compiled_run(default, compiled)
         at_t1 = run[(run["status"] == "ok") & (run["num_tokens"] == 1) & (run["library"] == "moelab")
-                    & run["backend"].isin(FIXED)]
+                    & run["backend"].isin(FIXED_BACKENDS)]
         overall = [label(part.loc[part["median_ms"].idxmin()])
                    for _, part in at_t1.groupby(["dtype", "num_experts", "top_k"])]
         lines.append(f"| compiled batched_mm (inductor, fullgraph) is the fastest variant at T = 1 | yes | | "

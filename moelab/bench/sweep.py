@@ -18,14 +18,17 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .. import memory
 from ..backends import ExpertsInterface, release_workspace
-from ..backends import auto as auto_backend
+from ..backends.auto import choose
 from ..core.dtypes import parse_dtype
 from ..core.config import MoEConfig
+from ..hf import require_transformers
+from ..hf.inspect_adapter import NAMESAKE_BACKENDS
 from ..layer.moe import SparseMoE
-from . import guard
+from . import guard, hf
 from .baselines import dense_pair, grouped_gemm_pair, useful_flops
 from .env import environment, load_average, resolve_clock
 from .timing import measure_interleaved, native_stderr_silenced
@@ -89,8 +92,6 @@ def _call(library: str, backend: str, moe: SparseMoE, hf_module, compiled: bool,
     if library == "moelab":
         experts, impl = moe.experts, ExpertsInterface.get(backend)
     else:
-        from . import hf
-
         experts, impl = hf_module, hf.backend(backend)
     if compiled:
         # NOTE: compile the backend function itself: each has its own code object, so the variants of one
@@ -145,12 +146,9 @@ def sweep(backends: Sequence[str] | None = None, tokens=DEFAULT_GRID["tokens"],
     budget = guard.resolve_budget(memory_budget, device)
     libraries = ["moelab"]
     if transformers:
-        from . import hf
-
-        hf.require_transformers()
+        require_transformers()
         libraries.append("transformers")
-    measurements = [(lib, b) for lib in libraries for b in backends
-                    if lib == "moelab" or b in ("eager", "batched_mm", "grouped_mm")]
+    measurements = [(lib, b) for lib in libraries for b in backends if lib == "moelab" or b in NAMESAKE_BACKENDS]
 
     grid = list(itertools.product(dtypes, hidden_size, intermediate_size, num_experts, top_k, shapes))
     total = len(grid) * len(compiled) * len(measurements)
@@ -158,8 +156,6 @@ def sweep(backends: Sequence[str] | None = None, tokens=DEFAULT_GRID["tokens"],
     rows: list[dict] = []
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total, desc="moelab bench", unit="meas", disable=not progress)
     try:
         for (dtype, H, I, E, k), group in itertools.groupby(grid, key=lambda g: g[:5]):
@@ -215,8 +211,6 @@ def _sweep_config(rows, bar, dtype, H, I, E, k, shapes, compiled, measurements, 
         if moe is None:
             moe = SparseMoE(config, seed=seed, dtype=dtype, device=device)
             if weight_copies == 2:
-                from . import hf
-
                 hf_module = hf.transformers_experts(moe.experts)
         generator = torch.Generator().manual_seed(seed + T)
         x = torch.randn(T, H, generator=generator).to(dtype=dtype, device=device)
@@ -309,7 +303,7 @@ def _prepare_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, to
     if comp:
         extra.update(compile_mode=compile_mode or "default", fullgraph=fullgraph)
     if name == "auto":
-        extra["chosen"] = auto_backend.choose(top_k_index.numel(), x.dtype, x.device, comp,
+        extra["chosen"] = choose(top_k_index.numel(), x.dtype, x.device, comp,
                                               moe.config.num_experts)[0]
     try:
         fn, experts = _call(lib, name, moe, hf_module, comp, fullgraph, compile_mode)

@@ -1,9 +1,10 @@
 """Memory accounting of a trace: the bytes each step really allocated, beside the analytic model's bytes.
 
 While recording, every tensor a step records is traced back to its storage; a storage first seen in a call (not
-a parameter, not one of the layer's inputs) counts as that step's `new_bytes`. Afterwards, a call's sizes
-(E, H, I, k, tokens, dtype, read from its module when it ran) feed `moelab.memory.analytic`, and `memory_frame`
-sets the model's steps beside the recorded ones, matched in order by name.
+a parameter, not one of the layer's inputs) counts as that step's `new_bytes` (a copy the recorder took counts
+where it was taken). Afterwards, a call's sizes (E, H, I, k, tokens, dtype, read from its module when it ran)
+and the code path its steps name feed `moelab.memory.analytic`, and `memory_frame` sets the model's steps beside
+the recorded ones, matched in order by name.
 """
 
 from __future__ import annotations
@@ -102,9 +103,13 @@ def call_estimate(call: Call) -> MemoryEstimate | None:
         for step in call.find("expert"):
             counts[step.info["expert_id"]] = int(step.tensors["token_idx"].shape[0])
     config = SizesConfig.from_sizes(call.sizes)
+    code_path = call.code_path if backend == "grouped_mm" else None
+    act_in_place = None
+    if code_path is not None and call.find("up_proj"):  # the fast path copies gate_up when it activates in place
+        act_in_place = "gate_up" in call["up_proj"].copied
     try:
         return analytic(config, call.num_tokens, backend, call.dtype, tokens_per_expert=counts,
-                        router=call.has_router, inspected=True)
+                        router=call.has_router, inspected=True, code_path=code_path, act_in_place=act_in_place)
     except ValueError:
         return None
 

@@ -15,7 +15,7 @@ from ..core.stage import stage_label
 from ..memory.plots import MIB, new_axes, new_figure, plot_memory
 from .records import Call
 
-__all__ = ["plot_routing", "plot_tokens_per_expert", "plot_permutation", "plot_trace"]
+__all__ = ["plot_routing", "plot_tokens_per_expert", "plot_permutation", "backend_view", "plot_trace"]
 
 
 def _call(source, call: int):
@@ -142,7 +142,9 @@ def plot_permutation(source, call: int = 0, *, ax=None, max_lines: int = 256):
     return fig
 
 
-def _backend_view(c, ax) -> None:
+def backend_view(c, ax) -> None:
+    """Draw on `ax` the picture of call `c`'s own backend: grouped_mm's permutation, batched_mm's duplicated
+    weights, eager's expert mask (a note for any other backend)."""
     if c.find("sort"):
         plot_permutation(c, ax=ax)
     elif c.find("gather_weights"):
@@ -179,7 +181,7 @@ def plot_trace(trace, call: int = 0):
             ax.text(0.5, 0.5, "no route step: inspect the SparseMoE\nor the model, not Experts alone",
                     ha="center", va="center")
             ax.set_axis_off()
-    _backend_view(c, axes[1, 0])
+    backend_view(c, axes[1, 0])
     estimate = c.memory_estimate()
     if estimate is not None:
         plot_memory(estimate, axes=[axes[1, 1]])

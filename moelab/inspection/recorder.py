@@ -187,7 +187,7 @@ class Recorder:
         if stack and stack[-1][0] is module:
             stack.pop()
 
-    def _record(self, name: str, explanation: str, tensors: dict, derived: dict) -> None:
+    def _record(self, name: str, explanation: str, tensors: dict, derived: dict, copied: frozenset) -> None:
         stack = self._stacks.get(threading.get_ident())
         if not stack:
             self.trace.unattributed += 1
@@ -203,7 +203,7 @@ class Recorder:
                 info[key] = value
         step = Step(name=name, explanation=explanation, layer=call.layer, stage=call.stage,
                     decode_step=call.decode_step, backend=call.backend, call=call.index, index=len(call.steps),
-                    tensors=kept, derived=frozenset(derived), info=info, new_bytes=new_bytes)
+                    tensors=kept, derived=frozenset(derived), info=info, new_bytes=new_bytes, copied=copied)
         call.steps.append(step)
         self._seen_names.add(name)
         for fn in self.trace.callbacks_for(name):

@@ -27,8 +27,10 @@ class Step:
     tensors: the tensors the step produced, the backend's own objects (meta-device stand-ins with the same shape and
     dtype when the trace was made with `keep_tensors=False`); derived: the keys (in `tensors` or `info`) made only for
     display (e.g. `tokens_per_expert` where the backend never computes it); info: non-tensor context (`expert_id`,
-    `path`).
+    `path`, `code_path`).
     new_bytes: bytes of storage first seen in this call at this step (parameters and the layer's inputs excluded).
+    copied: the keys whose tensor is a copy taken at this step, because the backend overwrites the original later
+    (grouped_mm's CPU fast path reusing memory); editing a copy in a callback changes nothing.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Step:
     derived: frozenset = frozenset()
     info: dict[str, Any] = field(default_factory=dict)
     new_bytes: int = 0
+    copied: frozenset = frozenset()
 
     def __getitem__(self, key: str):
         """A tensor (or context value) of this step by key."""
@@ -61,12 +64,13 @@ class Step:
         return sum(t.nbytes for k, t in self.tensors.items() if k not in self.derived)
 
     def to_frame(self):
-        """A pandas table: one row per tensor (and context value) with shape, dtype, bytes and `derived`."""
+        """A pandas table: one row per tensor (and context value) with shape, dtype, bytes, `derived` and `copied`."""
         rows = []
         for key, value in [*self.tensors.items(), *self.info.items()]:
             shape, dtype, nbytes = describe(value)
-            rows.append({"key": key, "shape": shape, "dtype": dtype, "bytes": nbytes, "derived": key in self.derived})
-        return pd.DataFrame(rows, columns=["key", "shape", "dtype", "bytes", "derived"])
+            rows.append({"key": key, "shape": shape, "dtype": dtype, "bytes": nbytes, "derived": key in self.derived,
+                         "copied": key in self.copied})
+        return pd.DataFrame(rows, columns=["key", "shape", "dtype", "bytes", "derived", "copied"])
 
     def __repr__(self) -> str:
         return step_text(self)
@@ -79,7 +83,8 @@ class Step:
 class Call:
     """One call of one MoE layer: its `layer` name (qualified name in the inspected module), the generation
     `stage` ("prefill", "decode", or None for a plain forward) and `decode_step`, the experts `backend`, and its
-    `steps` in order. `num_tokens`, `dtype` and `sizes` (E, H, I, k) feed the analytic memory model."""
+    `steps` in order; `code_path` which of the backend's paths ran. `num_tokens`, `dtype` and `sizes` (E, H, I, k)
+    feed the analytic memory model."""
 
     index: int
     layer: str
@@ -106,6 +111,12 @@ class Call:
 
     def find(self, name: str) -> list[Step]:
         return [s for s in self.steps if s.name == name]
+
+    @property
+    def code_path(self) -> str | None:
+        """Which of its backend's code paths ran, as its steps say: grouped_mm's "plain" or "cpu_lean" (its CPU
+        inference fast path); None for a backend with one path."""
+        return next((s.info["code_path"] for s in self.steps if "code_path" in s.info), None)
 
     def memory_estimate(self) -> MemoryEstimate | None:
         """The analytic memory model of this call (None for a backend without one, or unknown sizes)."""

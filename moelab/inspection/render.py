@@ -2,7 +2,8 @@
 
 Plain functions of the records in `moelab.inspection.records` (and of a `Trace`), so the records stay
 data and all the formatting sits in one place: one row per step (text), one row per tensor (HTML), bytes as
-`moelab.memory.format_bytes` prints them, keys made only for display marked "derived".
+`moelab.memory.format_bytes` prints them, keys made only for display marked "derived", copies the recorder took
+(the backend overwrites the original later) marked "copy".
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ _CSS = ("<style>.moelab-trace td,.moelab-trace th{text-align:left;vertical-align
 _DERIVED_CLASS = " class='derived'"
 
 
+_DERIVED_NOTE = "* derived for display, not computed by the backend"
+_COPY_NOTE = "^ a copy taken at the step: the backend's fast path overwrites the original later"
+
+
 def tensor_list(step: Step, limit: int = 4) -> str:
-    parts = [f"{k}{list(t.shape)}" + ("*" if k in step.derived else "") for k, t in step.tensors.items()]
+    parts = [f"{k}{list(t.shape)}" + ("*" if k in step.derived else "") + ("^" if k in step.copied else "")
+             for k, t in step.tensors.items()]
     if len(parts) > limit:
         parts = parts[:limit] + [f"+{len(parts) - limit} more"]
     return ", ".join(parts)
@@ -61,8 +67,8 @@ def step_rows(step: Step) -> list[list[str]]:
     rows = []
     for key, value in [*step.tensors.items(), *step.info.items()]:
         shape, dtype, nbytes = describe(value)
-        rows.append([key + (" (derived)" if key in step.derived else ""), shape, dtype,
-                     "" if nbytes is None else format_bytes(nbytes)])
+        mark = " (derived)" if key in step.derived else " (copy)" if key in step.copied else ""
+        rows.append([key + mark, shape, dtype, "" if nbytes is None else format_bytes(nbytes)])
     return rows
 
 
@@ -90,11 +96,19 @@ def step_html(step: Step) -> str:
 # ---------------------------------------------------------------------------------------------------- calls, a trace
 
 
+def _notes(steps: list[Step]) -> list[str]:
+    """The footnotes the marks in `tensor_list` need."""
+    return ([_DERIVED_NOTE] if any(s.derived for s in steps) else []) + \
+        ([_COPY_NOTE] if any(s.copied for s in steps) else [])
+
+
 def call_text(call: Call) -> str:
+    path = f" ({call.code_path} path)" if call.code_path else ""
     head = (f"call {call.index}: layer {call.layer}, {stage_label(call.stage, call.decode_step)}, "
-            f"backend {call.backend}, {len(call.steps)} steps")
+            f"backend {call.backend}{path}, {len(call.steps)} steps")
     rows = [[str(s.index), s.name, tensor_list(s), format_bytes(s.nbytes)] for s in call.steps]
-    return "\n".join([head] + ["  " + ln for ln in _table(["#", "step", "tensors", "bytes"], rows, right=[3])])
+    lines = [head] + ["  " + ln for ln in _table(["#", "step", "tensors", "bytes"], rows, right=[3])]
+    return "\n".join(lines + ["  " + note for note in _notes(call.steps)])
 
 
 def calls_html(calls: list[Call], max_steps: int = 200, summary: str = "") -> str:
@@ -122,6 +136,8 @@ def calls_html(calls: list[Call], max_steps: int = 200, summary: str = "") -> st
                 out.append(f"<tr{cls}>{head}<td><code>{html.escape(key)}</code></td><td>{html.escape(shape)}</td>"
                            f"<td>{html.escape(dtype)}</td><td class='num'>{html.escape(nbytes)}</td></tr>")
     out.append("</table>")
+    if any(s.copied for c in calls for s in c.steps):
+        out.append(f"<i>(copy): {html.escape(_COPY_NOTE[2:])}</i><br>")
     total = sum(len(c.steps) for c in calls)
     if total > shown:
         out.append(f"<i>... {total - shown} more steps: trace.to_frame() has them all</i>")
@@ -151,6 +167,5 @@ def trace_text(trace: Trace, max_steps: int = 60) -> str:
                                               rows, right=[6])]
     if len(trace) > max_steps:
         lines.append(f"  ... {len(trace) - max_steps} more steps (trace.to_frame() has them all)")
-    if any(s.derived for s in trace.steps[:max_steps]):
-        lines.append("  * derived for display, not computed by the backend")
+    lines += ["  " + note for note in _notes(trace.steps[:max_steps])]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Memory of one MoE call: an analytic model per backend, and the measured peak.
+"""moelab.memory: the memory of one MoE call, an analytic model per backend and the measured peak.
 
 `analytic(config, num_tokens, backend, dtype)` lists every intermediate a backend's code makes, with its bytes
 as a formula of `(T, k, E, H, I, b)` (`b` = bytes per element of `dtype`), and walks them in program order to

@@ -1,5 +1,5 @@
-"""Each backend's steps as allocations and frees on a `_Timeline`: the router (`_route`), `_eager`,
-`_batched_mm`, `_grouped_mm`, their `_reduce`, and SparseMoE's `_shared_expert`. Each function mirrors its
+"""Each backend's steps as allocations and frees on a `Timeline`: the router (`route`), `eager`,
+`batched_mm`, `grouped_mm`, their `reduce_slots`, and SparseMoE's `shared_expert`. Each function mirrors its
 backend's code line by line (edit it side by side with `moelab/backends/*.py`); bytes are formulas in
 `T, k, E, H, I, b` (`b` = bytes per element of the layer's dtype).
 
@@ -21,11 +21,15 @@ Liveness model (what "live" means in `analytic`), read off the backends' code:
   backend has returned;
 - with `router=True` (a `SparseMoE` call) the router's outputs stay live for the whole call, as `SparseMoE.forward`
   holds them; the layer's output is the only tensor still live when the call returns (`retained_bytes`);
-- two paths through grouped_mm: an inspected call (and any call with autograd, under compile or off CPU) takes
-  the plain path, where every step makes the new tensors the trace shows (`inspected=True`); CPU inference takes
-  its lean path (`moelab.backends.grouped_mm.lean_path`): act and weigh in place, unsort over `sorted_states`,
-  and, when a buffer reaches `workspace.MIN_BYTES`, the large buffers from the reusable workspace
-  (`moelab.backends.workspace`), kept between calls: in `peak_bytes`, not in `extra_peak_bytes`;
+- two paths through grouped_mm: the plain one (autograd, under compile, off CPU), where every step makes the new
+  tensors the trace shows, and CPU inference's fast path (`moelab.backends.cpu.lean`): the activation in place
+  over gate_up's gate half (silu, relu; the product still gets its own `activated`), the weighing in place
+  (unless the router hands on float32 weights: the product is then float32, as in the plain path), the unsort
+  over `sorted_states`, and, when a buffer reaches `workspace.MIN_BYTES`, the large buffers from the reusable
+  workspace (`moelab.backends.cpu.workspace`), kept between calls: in `peak_bytes`, not in `extra_peak_bytes`.
+  An inspected fast-path call (`inspected=True`) takes no workspace, and the recorder keeps a copy of each
+  tensor the path overwrites, made at its step and kept alive by the trace (`copy=True`); the overwritten
+  storage is then first seen by the trace under the tensor written over it (`recorded_as`);
 - `eager` loops over the hit experts: its peak depends on how many pairs each expert got. Pass the real counts
   (`tokens_per_expert`, e.g. from a trace's `route` step) for an exact figure; by default routing is balanced
   (`T*k/E` pairs per expert).
@@ -37,10 +41,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .timeline import _Timeline
+from .timeline import Timeline
 
 
-def _route(tl: _Timeline, dtype: torch.dtype, norm_topk_prob: bool, weights_float32: bool) -> None:
+def route(tl: Timeline, dtype: torch.dtype, norm_topk_prob: bool, weights_float32: bool) -> None:
     """TopKRouter.forward + SparseMoE's hold on its outputs (the `route` step)."""
     keep_fp32 = dtype == torch.float32 or weights_float32  # the float32 weights are the ones handed on
     tl.step("route")
@@ -64,7 +68,7 @@ def _route(tl: _Timeline, dtype: torch.dtype, norm_topk_prob: bool, weights_floa
         tl.free(last_fp32)  # the float32 weights die when the router returns
 
 
-def _eager(tl: _Timeline, counts: Sequence[int], w: str) -> None:
+def eager(tl: Timeline, counts: Sequence[int], w: str) -> None:
     tl.step("expert_mask")
     tl.alloc("output", "output", "[T, H]", "T*H*b", recorded_in="reduce")  # zeros, filled by index_add_
     tl.alloc("expert_mask", "expert_mask", "[E, k, T]", "E*k*T*8")
@@ -89,8 +93,10 @@ def _eager(tl: _Timeline, counts: Sequence[int], w: str) -> None:
         tl.alloc("unweighted", "outputs (before weighting)", "[n, H]", "n*H*b", transient=True, n=n)
         tl.free("gated", "outputs")
         tl.alloc("weights", "top_k_weights of the pairs", "[n, 1]", f"n*{w}", transient=True, n=n)
+        if w != "b":  # a mixed-dtype multiply makes a float32 copy of the outputs first
+            tl.alloc("unweighted32", "outputs as float32", "[n, H]", "n*H*w", transient=True, n=n)
         tl.alloc("new_outputs", "outputs", "[n, H]", f"n*H*{w}", n=n)
-        tl.free("weights", "unweighted")
+        tl.free("weights", "unweighted", "unweighted32")
         if w != "b":  # float32 outputs are cast to the output's dtype for index_add_
             tl.alloc("cast", "outputs cast to the input dtype", "[n, H]", "n*H*b", transient=True, n=n)
             tl.free("cast")
@@ -99,7 +105,7 @@ def _eager(tl: _Timeline, counts: Sequence[int], w: str) -> None:
     tl.step("reduce")  # index_add_ wrote into `output` all along
 
 
-def _batched_mm(tl: _Timeline, w: str) -> None:
+def batched_mm(tl: Timeline, w: str) -> None:
     tl.step("repeat")
     tl.alloc("repeated", "repeated", "[T*k, H]", "T*k*H*b")
     tl.step("gather_weights")  # expert_ids is a view of top_k_index
@@ -114,12 +120,15 @@ def _batched_mm(tl: _Timeline, w: str) -> None:
     tl.step("down_proj")
     tl.alloc("outputs", "outputs", "[T*k, H]", "T*k*H*b")
     tl.step("weigh")
+    if w != "b":  # a mixed-dtype multiply makes a float32 copy of outputs first
+        tl.alloc("outputs32", "outputs as float32", "[T*k, H]", "T*k*H*w", transient=True)
     tl.alloc("weighted", "weighted", "[T*k, H]", f"T*k*H*{w}")
+    tl.free("outputs32")
     tl.step("reduce")
-    _reduce(tl, w)
+    reduce_slots(tl, w)
 
 
-def _reduce(tl: _Timeline, w: str) -> None:
+def reduce_slots(tl: Timeline, w: str) -> None:
     tl.alloc("output", "output", "[T, H]", f"T*H*{w}")
     if w != "b":  # the backend returns (its locals die), then Experts.forward casts the float32 sum back
         tl.free_all_but("output", *_ROUTER_KEYS)
@@ -128,9 +137,13 @@ def _reduce(tl: _Timeline, w: str) -> None:
         tl.live["output"] = tl.live.pop("output_cast")
 
 
-def _grouped_mm(tl: _Timeline, w: str, lean: bool, use_workspace: bool, act_in_place: bool) -> None:
-    """grouped_mm; `lean`: its CPU inference path (in-place act and weighing, unsort over sorted_states);
-    `use_workspace`: the large buffers come from `moelab.backends.workspace` instead of fresh allocations."""
+def grouped_mm(tl: Timeline, w: str, lean: bool = False, use_workspace: bool = False, act_in_place: bool = False,
+               inspected: bool = False) -> None:
+    """grouped_mm's plain path, or with `lean` its CPU inference path: `act_in_place` (silu, relu), the large
+    buffers from the workspace (`use_workspace`), weighing in place unless `w` (float32 router weights) promotes;
+    `inspected`: the lean path with the recorder's copies of what it overwrites (never with the workspace)."""
+    promoted = w != "b"  # float32 router weights: weighted, unsorted and the sum are float32
+    copies = lean and inspected
     tl.step("sort")
     tl.alloc("argsort_scratch", "argsort scratch (keys and indices)", "[2, T*k]", "2*T*k*8", transient=True)
     tl.alloc("perm", "perm", "[T*k]", "T*k*8")
@@ -142,39 +155,50 @@ def _grouped_mm(tl: _Timeline, w: str, lean: bool, use_workspace: bool, act_in_p
     tl.free("expert_range")
     tl.step("gather")
     tl.alloc("token_idx", "token_idx", "[T*k]", "T*k*8")
-    tl.alloc("sorted_states", "sorted_states", "[T*k, H]", "T*k*H*b", workspace=use_workspace)
+    if copies and not promoted:  # the unsort writes over sorted_states: the trace keeps a copy
+        tl.alloc("sorted_states", "sorted_states", "[T*k, H]", "T*k*H*b", recorded_in="unsort",
+                 recorded_as="unsorted")
+        tl.alloc("sorted_states_copy", "sorted_states (copy)", "[T*k, H]", "T*k*H*b", copy=True,
+                 recorded_as="sorted_states")
+    else:
+        tl.alloc("sorted_states", "sorted_states", "[T*k, H]", "T*k*H*b", workspace=use_workspace)
     tl.step("up_proj")  # native grouped_mm and the fallback loop both write one [T*k, 2I] result
-    tl.alloc("gate_up", "gate_up", "[T*k, 2I]", "T*k*2*I*b", workspace=use_workspace)
+    if copies and act_in_place:  # the activation writes over gate_up's gate half: the trace keeps a copy
+        tl.alloc("gate_up", "gate_up", "[T*k, 2I]", "T*k*2*I*b", recorded_in=None)
+        tl.alloc("gate_up_copy", "gate_up (copy)", "[T*k, 2I]", "T*k*2*I*b", copy=True, recorded_as="gate_up")
+    else:
+        tl.alloc("gate_up", "gate_up", "[T*k, 2I]", "T*k*2*I*b", workspace=use_workspace)
     tl.step("act")
-    if not act_in_place:
+    if lean:  # act_fn in place over the gate half (or a new act_fn(gate)), the product into `activated`
+        tl.alloc("activated", "activated", "[T*k, I]", "T*k*I*b", workspace=use_workspace and act_in_place)
+    else:
         tl.alloc("act", "act_fn(gate)", "[T*k, I]", "T*k*I*b", transient=True)
         tl.alloc("activated", "activated", "[T*k, I]", "T*k*I*b")
         tl.free("act")
-    # else: act_fn(gate).mul_(up) writes `activated` over the gate half of gate_up: no new bytes
     tl.step("down_proj")
-    if not use_workspace:  # with the workspace, outputs are written over sorted_states
+    if copies and not promoted:  # the weighing multiplies outputs in place: the trace keeps a copy
+        tl.alloc("outputs", "outputs", "[T*k, H]", "T*k*H*b", recorded_in="weigh", recorded_as="weighted")
+        tl.alloc("outputs_copy", "outputs (copy)", "[T*k, H]", "T*k*H*b", copy=True, recorded_as="outputs")
+    elif not use_workspace:  # with the workspace, outputs are written over sorted_states
         tl.alloc("outputs", "outputs", "[T*k, H]", "T*k*H*b")
     tl.step("weigh")
     tl.alloc("pair_weights", "top_k_weights in sorted order", "[T*k, 1]", f"T*k*{w}", recorded_in=None)
-    if not lean:  # lean: outputs.mul_(pair_weights), in place, in the input dtype
-        tl.alloc("weighted", "weighted", "[T*k, H]", f"T*k*H*{w}")
-    elif w != "b":  # in place with float32 weights: PyTorch computes in float32 copies, then casts back
+    if not lean and promoted:  # a mixed-dtype multiply makes a float32 copy of outputs first (the lean path casts)
         tl.alloc("outputs32", "outputs as float32", "[T*k, H]", "T*k*H*w", transient=True)
-        tl.alloc("product32", "outputs * pair_weights in float32", "[T*k, H]", "T*k*H*w", transient=True)
-        tl.free("outputs32", "product32")
+    if not lean or promoted:  # lean, same dtype: outputs.mul_(pair_weights), in place
+        tl.alloc("weighted", "weighted", "[T*k, H]", f"T*k*H*{w}", workspace=use_workspace)
+    tl.free("outputs32")
     tl.step("unsort")
     tl.alloc("inv_perm", "inv_perm", "[T*k]", "T*k*8")
     tl.alloc("arange", "arange(T*k) scattered into inv_perm", "[T*k]", "T*k*8", transient=True)
     tl.free("arange")
-    if use_workspace:
-        tl.alloc("unsorted", "unsorted", "[T*k, H]", "T*k*H*b", workspace=True)
-    elif not lean:  # lean without workspace: index_select writes over the dead sorted_states
-        tl.alloc("unsorted", "unsorted", "[T*k, H]", f"T*k*H*{w}")
+    if use_workspace or not lean or promoted:  # else the lean path writes over the dead sorted_states
+        tl.alloc("unsorted", "unsorted", "[T*k, H]", f"T*k*H*{w}", workspace=use_workspace)
     tl.step("reduce")
-    _reduce(tl, "b" if lean else w)
+    reduce_slots(tl, w)
 
 
-def _shared_expert(tl: _Timeline) -> None:
+def shared_expert(tl: Timeline) -> None:
     """SparseMoE's Qwen2-MoE shared expert, after the routed experts returned `output`."""
     tl.step("shared_expert")
     tl.free_all_but("output", *_ROUTER_KEYS)  # the backend has returned: its intermediates are gone

@@ -18,10 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import torch
 
-from .estimate import BACKENDS, analytic
 from ..core.dtypes import parse_dtype
+from ..layer.moe import SparseMoE
+from .estimate import BACKENDS, analytic
 from .records import format_bytes
 
 
@@ -128,10 +130,6 @@ def compare(config, num_tokens: int, dtype=torch.float32, backends: Sequence[str
     analytic_peak_bytes (workspace included), workspace_bytes, analytic_extra_peak_bytes (without it),
     measured_peak_bytes, measured_over_analytic (measured / analytic_extra_peak_bytes).
     """
-    import pandas as pd
-
-    from ..layer.moe import SparseMoE
-
     dtype = parse_dtype(dtype)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_tokens, config.hidden_size, generator=generator).to(dtype)

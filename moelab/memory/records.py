@@ -1,6 +1,5 @@
 """What `moelab.memory.analytic` returns: `MemoryEstimate`, one row per intermediate (`Intermediate`) and per
-step (`StepMemory`), its text and HTML renderings, plus `format_bytes` (binary units) and the dtype parsing the
-estimate and measurement functions share.
+step (`StepMemory`), its text and HTML renderings, plus `format_bytes` (binary units).
 """
 
 from __future__ import annotations
@@ -30,7 +29,10 @@ class Intermediate:
     shape: symbolic, e.g. "[T*k, 2I, H]"; formula: its bytes in `T, k, E, H, I, b` (and `n`, the pairs of one
     expert, for eager's per-expert tensors); nbytes: the formula evaluated; transient: an expression's temporary,
     freed within its step; n: the expert's pair count where the formula uses it; workspace: held in grouped_mm's
-    reusable CPU workspace (allocated by the first such call and kept, see `moelab.backends.workspace`).
+    reusable CPU workspace (allocated by the first such call and kept, see `moelab.backends.cpu.workspace`).
+    recorded_as: the key the trace first sees its storage under in `recorded_in`, when not `name` (memory the
+    fast path reuses: its own tensor was recorded as a copy, the storage shows up under the tensor written over
+    it); copy: a copy an inspection's recorder takes of it (the trace's memory, kept alive by the trace).
     """
 
     step: str
@@ -43,6 +45,8 @@ class Intermediate:
     recorded_in: str | None = None
     n: int | None = None
     workspace: bool = False
+    recorded_as: str | None = None
+    copy: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,15 @@ class MemoryEstimate:
 
     peak_bytes (int): the analytic peak of live bytes during the call, workspace buffers included (what the call
     needs: use it for memory guards); peak_step: the step where it is reached. path: which code path was modelled
-    ("plain": every step makes new tensors, as an inspected call; grouped_mm's CPU inference "lean" path, "+
-    workspace" when its large buffers come from the reusable workspace). workspace_bytes: those reused buffers;
-    extra_peak_bytes: the peak without them, i.e. what a call adds once a first call has made the workspace
-    (compare it with `measure` of a warmed-up call). retained_bytes: still live after the call (the output). weight_bytes: the layer's own expert
-    weights (`gate_up_proj` + `down_proj`, `E*3*I*H*b`). duplicated_bytes: batched_mm's per-pair weight copies
-    (`T*k*3*I*H*b`, 0 for the other backends) and duplication_factor = duplicated_bytes / weight_bytes
-    (`T*k/E`). sizes: the symbols of the formulas. intermediates / steps: the tables, also as `to_frame()`.
+    ("plain": every step makes new tensors; grouped_mm's CPU inference path "cpu_lean", "+ workspace" when its
+    large buffers come from the reusable workspace, "+ copies" when inspected, with the copies the recorder
+    keeps of what the path overwrites). workspace_bytes: the reused buffers; extra_peak_bytes: the peak without
+    them, i.e. what a call adds once a first call has made the workspace (compare it with `measure` of a
+    warmed-up call); copied_bytes: the recorder's copies. retained_bytes: still live after the call (the output).
+    weight_bytes: the layer's own expert weights (`gate_up_proj` + `down_proj`, `E*3*I*H*b`). duplicated_bytes:
+    batched_mm's per-pair weight copies (`T*k*3*I*H*b`, 0 for the other backends) and duplication_factor =
+    duplicated_bytes / weight_bytes (`T*k/E`). sizes: the symbols of the formulas. intermediates / steps: the
+    tables, also as `to_frame()`.
     """
 
     backend: str
@@ -89,6 +95,11 @@ class MemoryEstimate:
     workspace_bytes: int = 0
     extra_peak_bytes: int | None = None
     requested_backend: str | None = None  # "auto" when `auto` chose `backend`
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes of the copies an inspection's recorder keeps (0 unless an inspected fast path is modelled)."""
+        return sum(i.nbytes for i in self.intermediates if i.copy)
 
     @property
     def duplication_factor(self) -> float:
@@ -123,6 +134,8 @@ class MemoryEstimate:
         if self.workspace_bytes:
             text += (f"; {format_bytes(self.workspace_bytes)} of the peak is the reused workspace "
                      f"(a warmed-up call adds {format_bytes(self.extra_peak_bytes)})")
+        if self.copied_bytes:
+            text += f"; {format_bytes(self.copied_bytes)} are the recorder's copies of overwritten tensors"
         if self.duplicated_bytes:
             text += (f"; duplicated weights {format_bytes(self.duplicated_bytes)} = "
                      f"{self.duplication_factor:.3g}x the expert weights")

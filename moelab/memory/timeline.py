@@ -1,4 +1,4 @@
-"""The walk behind `moelab.memory.analytic`: `_Timeline` takes the allocations and frees a backend's formulas
+"""The walk behind `moelab.memory.analytic`: a `Timeline` takes the allocations and frees a backend's formulas
 (`moelab.memory.formulas`) list, in program order, evaluates each byte formula over the call's sizes, and keeps
 the per-step table, the running peak and the bytes held in grouped_mm's reusable workspace.
 """
@@ -15,8 +15,11 @@ def _compiled(formula: str):
     return compile(formula, formula, "eval")  # our own formula strings, never user input
 
 
-class _Timeline:
-    """Walks allocations and frees in program order; keeps the per-step table and the running peak."""
+class Timeline:
+    """Walks allocations and frees in program order; keeps the per-step table and the running peak.
+
+    Two kinds of allocation are never freed: workspace buffers (the workspace keeps them between calls) and the
+    copies an inspection's recorder takes (the trace keeps them)."""
 
     def __init__(self, sizes: dict):
         self.sizes = sizes
@@ -25,7 +28,7 @@ class _Timeline:
         self.peak = 0
         self.peak_step = ""
         self.workspace = 0  # live bytes held in the reusable workspace
-        self.workspace_keys: set[str] = set()  # never freed: the workspace keeps its buffers between calls
+        self.held_keys: set[str] = set()  # never freed: workspace buffers and the recorder's copies
         self.extra_peak = 0  # peak of live bytes outside it
         self.intermediates: list[Intermediate] = []
         self.steps: list[StepMemory] = []
@@ -43,14 +46,19 @@ class _Timeline:
                                          self.current, self._step_peak))
 
     def alloc(self, key: str, name: str, shape: str, formula: str, *, transient: bool = False,
-              recorded_in: str | None | bool = True, n: int | None = None, workspace: bool = False) -> None:
+              recorded_in: str | None | bool = True, n: int | None = None, workspace: bool = False,
+              recorded_as: str | None = None, copy: bool = False) -> None:
+        """`key` names the allocation for `free`; the other arguments are `Intermediate`'s fields (`recorded_in`
+        True: this step)."""
         nbytes = int(eval(_compiled(formula), {"__builtins__": {}}, {**self.sizes, "n": n}))
         recorded = self._step if recorded_in is True else (recorded_in or None)
         self.intermediates.append(Intermediate(self._step, len(self.steps), name, shape, formula, nbytes,
-                                               transient, None if transient else recorded, n, workspace))
+                                               transient, None if transient else recorded, n, workspace,
+                                               recorded_as, copy))
         if workspace:
             self.workspace += nbytes
-            self.workspace_keys.add(key)
+        if workspace or copy:
+            self.held_keys.add(key)
         if transient:
             self._transient += nbytes
         else:
@@ -65,7 +73,7 @@ class _Timeline:
 
     def free(self, *keys: str) -> None:
         for key in keys:
-            if key in self.live and key not in self.workspace_keys:
+            if key in self.live and key not in self.held_keys:
                 self.current -= self.live.pop(key)
 
     def free_all_but(self, *keep: str) -> None:

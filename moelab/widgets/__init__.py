@@ -1,13 +1,18 @@
-"""Widgets for the notebooks: the backend explorer (notebook 7) and the trace stepper (notebooks 3 to 5).
+"""moelab.widgets: the notebooks' widgets, the backend explorer (notebook 7) and the trace stepper (notebooks 3-5).
 
 Both keep their state on plain Python attributes, so a test (or a curious learner) can drive them without a
 browser or even a kernel: set a slider's `.value`, call `.run()` (what the Run button does), then read
 `.last_results` (a pandas DataFrame), `.figure` (a matplotlib Figure) and `.message`.
 
 One concept a module: `sweeps` is the explorer's measuring side (memory guard, sweeps, crossovers; no widgets),
-`explorer` the `BackendExplorer` UI, `stepper` the `TraceStepper` and its step pictures, `_shared` what both
-widgets share. Everything public is re-exported here; to monkeypatch a name, patch it in the module that defines
-it (e.g. `moelab.widgets.sweeps._bench`): rebinding it here would not reach the code that uses it.
+which measures with `moelab.bench.sweep` (the package's one sweep and timing), `explorer` the `BackendExplorer`
+UI, `stepper` the `TraceStepper` and its step pictures, `_shared` what both widgets share. Everything public is
+re-exported here; to monkeypatch a name, patch it in the module that defines it (e.g.
+`moelab.widgets.sweeps.bench_sweep`): rebinding it here would not reach the code that uses it.
+
+Imports `moelab.bench` (sweeps, guard, timing), `moelab.inspection` (the stepper's traces and plots),
+`moelab.memory`, `moelab.layer`, `moelab.backends` and `moelab.core`, plus ipywidgets and IPython; nothing imports
+`moelab.widgets` but the notebooks.
 """
 
 # Re-exports. Some public names stay out of __all__, as before the split, so a star import brings what it did:

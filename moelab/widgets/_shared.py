@@ -13,16 +13,20 @@ import ipywidgets as W
 from IPython.display import Image
 from matplotlib.figure import Figure
 
-BACKENDS = ("eager", "batched_mm", "grouped_mm")
+from ..bench import FIXED_BACKENDS
+
+BACKENDS = FIXED_BACKENDS  # what the widgets offer by default: the built-in backends that each run one algorithm
 
 
-def _png(fig: Figure) -> Image:
+def figure_png(fig: Figure) -> Image:
+    """`fig` as a PNG image to display (80 dpi, tight)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     return Image(data=buf.getvalue(), format="png")
 
 
-def _show(out: W.Output, *objects) -> None:
+def show_in(out: W.Output, *objects) -> None:
+    """Replace what `out` shows with `objects`, in a kernel or not (see the module docstring)."""
     out.outputs = ()
     for obj in objects:
         out.append_display_data(obj)

@@ -2,7 +2,7 @@
 
 The widget only collects settings, asks the guard, calls the timing function and draws what it returns: the
 measuring itself (guard, sweeps, crossovers) lives in `sweeps`, which it reaches as `sweeps.<name>` at call time,
-so patching a name there (e.g. `sweeps._bench`, `sweeps.guard`) changes what the explorer does too.
+so patching a name there (e.g. `sweeps.bench_sweep`, `sweeps.guard`) changes what the explorer does too.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from collections.abc import Callable, Sequence
 
 import ipywidgets as W
 import pandas as pd
-from IPython.display import HTML
+from IPython.display import HTML, display
 from matplotlib.figure import Figure
 
+from ..backends import ExpertsInterface
 from ..core.config import MoEConfig
 from ..memory import format_bytes
 from . import sweeps
-from ._shared import BACKENDS, _png, _show
+from ._shared import BACKENDS, figure_png, show_in
 from .sweeps import DEFAULT_BUDGET_BYTES
 
 COLORS = {"eager": "tab:blue", "batched_mm": "tab:red", "grouped_mm": "tab:green"}
@@ -33,8 +34,8 @@ class BackendExplorer:
     """Sliders for top_k, num_experts, batch size and sequence length, dtype and compile; a Run button.
 
     Run sweeps the sequence length over powers of two up to the slider's value (so crossovers show; 3 points with
-    compile) with `moelab.bench.sweep` (`local_sweep` where `moelab.bench` is missing), which times every
-    selected backend at each point and measures its peak memory; the widget draws both against the token count
+    compile) with `moelab.bench.sweep` (`sweeps.bench_sweep`), which times every selected backend at each point
+    and measures its peak memory; the widget draws both against the token count
     and marks the crossovers. Before that, `guard` checks the largest call of every selected backend: over
     `budget_bytes` for any of them, the configuration is refused with the reason and nothing runs. The sliders
     are bounded (`BOUNDS`) so that, of the built-in backends, only batched_mm can exceed the default budget.
@@ -64,8 +65,6 @@ class BackendExplorer:
         self.dtype = W.Dropdown(options=["float32", "bfloat16"], value=dtype, description="dtype", style=style)
         self.compile = W.Checkbox(value=compile, description="torch.compile", style=style, layout=layout,
                                   tooltip="compiles once per backend and shape: slow (seconds each)")
-        from ..backends import ExpertsInterface
-
         options = list(dict.fromkeys([*BACKENDS, *backends, *ExpertsInterface.names()]))
         self.backends = W.SelectMultiple(options=options, value=tuple(backends),
                                          description="backends", style=style, rows=min(len(options), 5))
@@ -120,18 +119,17 @@ class BackendExplorer:
         return points
 
     def _runner(self) -> Callable:
-        """The timing function: `runner` if given, else `moelab.bench.sweep` (or `local_sweep` without it)."""
+        """The timing function: `runner` if given, else `moelab.bench.sweep` (`sweeps.bench_sweep`), under the
+        same budget as the guard (each measurement is guarded again there)."""
         if self.runner is not None:
             return self.runner
-        if sweeps._bench() is not None:
-            return functools.partial(sweeps.bench_sweep, min_run_time=self.min_run_time, budget_bytes=self.budget_bytes)
-        return functools.partial(sweeps.local_sweep, min_run_time=self.min_run_time)
+        return functools.partial(sweeps.bench_sweep, min_run_time=self.min_run_time, budget_bytes=self.budget_bytes)
 
     def check(self) -> pd.DataFrame:
         """The guard's table for the current settings, at the largest call (batch_size * seq_len tokens)."""
         s = self.settings()
-        return sweeps.guard(self.config(), s["batch_size"] * s["seq_len"], s["backends"], s["dtype"], self.budget_bytes,
-                     compiled=s["compile"])
+        return sweeps.guard(self.config(), s["batch_size"] * s["seq_len"], s["backends"], s["dtype"],
+                            self.budget_bytes, compiled=s["compile"])
 
     # ---------------------------------------------------------------- actions
 
@@ -159,8 +157,8 @@ class BackendExplorer:
                         f"{s['batch_size'] * s['seq_len']} tokens, top_k={s['top_k']}, "
                         f"num_experts={s['num_experts']}, {s['dtype']}, compile={'on' if s['compile'] else 'off'}")
         self._set_status(self.message, "green")
-        _show(self.table_out, HTML(self._table_html(self.last_results)))
-        _show(self.plot_out, _png(self.figure))
+        show_in(self.table_out, HTML(self._table_html(self.last_results)))
+        show_in(self.plot_out, figure_png(self.figure))
         return self.last_results
 
     def _refuse(self, message: str) -> None:
@@ -169,7 +167,7 @@ class BackendExplorer:
         self.last_results = None
         self.figure = None
         self._set_status(message, "#b00020")
-        _show(self.table_out, HTML(f"<p style='color:#b00020'>{message}</p>"))
+        show_in(self.table_out, HTML(f"<p style='color:#b00020'>{message}</p>"))
         self.plot_out.outputs = ()
         return None
 
@@ -241,6 +239,4 @@ class BackendExplorer:
         return fig
 
     def _ipython_display_(self):
-        from IPython.display import display
-
         display(self.widget)

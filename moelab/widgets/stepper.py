@@ -1,7 +1,7 @@
 """`TraceStepper`, the widget of notebooks 3 to 5, and the pictures behind it (`step_table`, `step_figure`).
 
 Pick a backend, and the stepper traces one call of it with `moelab.inspect`; slide through the trace's steps to
-see each step's tensors as a table and, where one fits, a picture drawn with `moelab.inspect_plots`.
+see each step's tensors as a table and, where one fits, a picture drawn with `moelab.inspection.plots`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from collections.abc import Sequence
 import ipywidgets as W
 import pandas as pd
 import torch
-from IPython.display import HTML
+from IPython.display import HTML, display
 from matplotlib.figure import Figure
 
+from ..inspection import inspect
+from ..inspection import plots as trace_plots
 from ..memory import format_bytes
-from ._shared import BACKENDS, _png, _show
+from ._shared import BACKENDS, figure_png, show_in
 
 
 class TraceStepper:
@@ -44,8 +46,6 @@ class TraceStepper:
         self._retrace()
 
     def _retrace(self) -> None:
-        from ..inspection.trace import inspect
-
         self.moe.set_experts_implementation(self.backend.value)
         with torch.no_grad(), inspect(self.moe) as trace:
             self.moe(self.hidden_states)
@@ -62,16 +62,14 @@ class TraceStepper:
         self.header.value = (f"<b>step {self.step_slider.value + 1}/{len(steps)}: {step.name}</b> "
                              f"({self.backend.value}): {step.explanation}")
         self.table = step_table(step)
-        _show(self.table_out, HTML(self.table.to_html(index=False)))
+        show_in(self.table_out, HTML(self.table.to_html(index=False)))
         self.figure = step_figure(step, self.trace.calls[step.call])
         if self.figure is None:
             self.plot_out.outputs = ()
         else:
-            _show(self.plot_out, _png(self.figure))
+            show_in(self.plot_out, figure_png(self.figure))
 
     def _ipython_display_(self):
-        from IPython.display import display
-
         display(self.widget)
 
 
@@ -98,22 +96,20 @@ def _plot_gathered(step, num_tokens: int, ax) -> None:
 def step_figure(step, call) -> Figure | None:
     """The picture of one step: the trace's own plots where one fits the step, else the step's first small tensor
     as an image (2D) or bars (1D)."""
-    from ..inspection import plots as P
-
     fig = Figure(figsize=(7, 3.2), layout="constrained")
     ax = fig.add_subplot()
     try:
         if step.name == "route":
-            P.plot_routing(call, ax=ax)
+            trace_plots.plot_routing(call, ax=ax)
             return fig
         if step.name in ("sort", "unsort") and call.find("offsets"):
-            P.plot_permutation(call, ax=ax)
+            trace_plots.plot_permutation(call, ax=ax)
             return fig
         if step.name == "offsets":
-            P.plot_tokens_per_expert(call, ax=ax)
+            trace_plots.plot_tokens_per_expert(call, ax=ax)
             return fig
         if step.name in ("expert_mask", "gather_weights"):
-            P._backend_view(call, ax)
+            trace_plots.backend_view(call, ax)
             return fig
         if step.name == "expert" and "token_idx" in step.tensors and call.num_tokens:
             _plot_gathered(step, call.num_tokens, ax)

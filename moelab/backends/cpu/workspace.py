@@ -1,4 +1,4 @@
-"""Reusable scratch buffers for the CPU inference path of `grouped_mm` (see `lean_path`).
+"""Reusable scratch buffers for the CPU inference path of `grouped_mm` (`moelab.backends.cpu.lean`).
 
 Why: on CPU, PyTorch allocates with glibc `malloc`. A buffer of 32 MiB or more is always a fresh `mmap`, and
 the heap above that is trimmed back to the OS on free, so each call's large intermediates ([S, H], [S, 2I])
@@ -7,7 +7,7 @@ on every call. A per-thread workspace keeps those buffers mapped between calls.
 
 What it costs: the buffers stay allocated after a call (`workspace_bytes()` says how much;
 `release_workspace()` frees them). They are used only when nothing can observe the intermediates afterwards:
-no autograd graph, no inspection listening, not under `torch.compile` (see `grouped_mm.lean_path`).
+no autograd graph, no inspection listening, not under `torch.compile` (see `lean.applies`).
 """
 
 from __future__ import annotations
