@@ -394,3 +394,91 @@ def test_load_errors_are_clear(model, tmp_path):
     config_path.write_text(json.dumps({**config, "model_type": "moelab_multi_backbone"}))
     with pytest.raises(ValueError, match="load it with moelab.MultiBackboneForCausalLM"):
         moelab.MoEForCausalLM.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ one save, one folder
+
+
+def _two_models():
+    """Two models with the same tensor shapes but different configs (rope_theta, activation) and weights."""
+    base = dict(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    a = moelab.MoEForCausalLM(MoEModelConfig(**base), seed=0)
+    moe_b = moelab.MoEConfig(hidden_size=16, intermediate_size=32, num_experts=8, top_k=2, hidden_act="relu")
+    b = moelab.MoEForCausalLM(MoEModelConfig(**base, rope_theta=500.0, moe=moe_b), seed=1)
+    return a, b
+
+
+def test_files_of_two_saves_are_refused(tmp_path):
+    a, b = _two_models()
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_bytes((tmp_path / "a" / "config.json").read_bytes())  # A's config, B's weights
+    with pytest.raises(ValueError, match=r"come from different saves .*save the model again"):
+        moelab.MoEForCausalLM.from_pretrained(tmp_path / "b")
+
+
+def test_a_save_interrupted_while_writing_the_weights_leaves_the_previous_save_whole(tmp_path, monkeypatch):
+    a, b = _two_models()
+    prompt = torch.tensor([[1, 2, 3]])
+    a.save_pretrained(tmp_path)
+    import moelab.models.io as model_io
+
+    def fail(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")  # half a file, then the disk is full
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(model_io, "save_file", fail)
+    with pytest.raises(OSError, match="No space left"):
+        b.save_pretrained(tmp_path)
+    loaded = moelab.MoEForCausalLM.from_pretrained(tmp_path)  # still A, whole: config and weights
+    assert loaded.config == a.config
+    assert torch.equal(loaded(prompt).logits, a(prompt).logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_save_interrupted_while_writing_the_config_is_refused(tmp_path, monkeypatch):
+    a, b = _two_models()
+    a.save_pretrained(tmp_path)
+    import moelab.models.io as model_io
+
+    real_write = model_io._atomic_write
+
+    def fail_on_config(path, write):
+        if path.name == "config.json":
+            raise OSError("interrupted")
+        real_write(path, write)
+
+    monkeypatch.setattr(model_io, "_atomic_write", fail_on_config)
+    with pytest.raises(OSError, match="interrupted"):
+        b.save_pretrained(tmp_path)  # B's weights are written, A's config stays
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="come from different saves"):
+        moelab.MoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_changed_byte_in_the_weights_is_caught(tmp_path):
+    a, _ = _two_models()
+    a.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor's data: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        moelab.MoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_folders_saved_before_save_ids_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    a, _ = _two_models()
+    prompt = torch.tensor([[4, 5, 6]])
+    a.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["moelab_save_id"], config["weights_sha256"]  # what moelab wrote before
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in a.state_dict().items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    loaded = moelab.MoEForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded(prompt).logits, a(prompt).logits)

@@ -4,25 +4,31 @@ The folder holds the model's config (plus `model_type`, the dtype the weights we
 version) and its weights. The experts backend is not saved: like the attention implementation in transformers,
 it is a choice of how to run the model, made again at load time (`experts_implementation=`).
 Every way a folder can be wrong (missing, not JSON, another model, truncated weights, missing tensors, wrong
-shapes) raises FileNotFoundError or ValueError naming the file and the problem.
+shapes, files of two different saves, weights changed since the save) raises FileNotFoundError or ValueError
+naming the file and the problem.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..core.dtypes import parse_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-_META_KEYS = ("model_type", "dtype", "moelab_version")
+SAVE_ID_KEY = "moelab_save_id"  # in config.json and in the safetensors metadata: the two files of one save
+WEIGHTS_HASH_KEY = "weights_sha256"  # in config.json: the checksum of model.safetensors, checked on load
+_META_KEYS = ("model_type", "dtype", "moelab_version", SAVE_ID_KEY, WEIGHTS_HASH_KEY)
 MODEL_TYPES: dict[str, type] = {}  # model_type (as written in config.json) -> model class; classes register here
 
 
@@ -45,23 +51,63 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2 ** 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_pretrained(model, save_directory) -> Path:
-    """Write `config.json` and `model.safetensors` into `save_directory` (created if needed); returns its path."""
+    """Write `config.json` and `model.safetensors` into `save_directory` (created if needed); returns its path.
+
+    The two files of one save carry the same random save id, and the config the checksum of the weights file, so
+    `from_pretrained` refuses a folder whose files come from different saves or whose weights changed.
+    """
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save_directory {directory} exists and is not a folder")
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": model.model_type, **model.config.to_dict(),
-              "dtype": str(model.dtype).removeprefix("torch."), "moelab_version": package_version()}
+    save_id = uuid.uuid4().hex
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+    # NOTE: the weights first, then the config that names them: a save interrupted while writing the weights
+    # leaves the previous save whole; one interrupted while writing the config leaves files whose save ids differ.
+    _atomic_write(directory / WEIGHTS_NAME,
+                  lambda p: save_file(tensors, str(p), metadata={"format": "pt", SAVE_ID_KEY: save_id}))
+    config = {"model_type": model.model_type, **model.config.to_dict(),
+              "dtype": str(model.dtype).removeprefix("torch."), "moelab_version": package_version(),
+              SAVE_ID_KEY: save_id, WEIGHTS_HASH_KEY: file_sha256(directory / WEIGHTS_NAME)}
     _atomic_write(directory / CONFIG_NAME,
                   lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     return directory
 
 
+def check_same_save(raw_config: dict, config_path: Path, weights_path: Path) -> None:
+    """ValueError unless config.json and model.safetensors were written by one `save_pretrained` and the weights
+    are unchanged since. Folders saved before moelab recorded save ids (neither file has one) pass."""
+    if not weights_path.is_file():
+        return  # _read_weights names the missing file
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            weights_id = (f.metadata() or {}).get(SAVE_ID_KEY)
+    except Exception:  # safetensors' own error types; _read_weights reports the unreadable file
+        return
+    config_id = raw_config.get(SAVE_ID_KEY)
+    if config_id is None and weights_id is None:
+        return  # a folder from before save ids
+    if config_id != weights_id:
+        raise ValueError(f"{config_path} and {weights_path} come from different saves (save id {config_id!r} vs "
+                         f"{weights_id!r}): a save was interrupted or one file was replaced; save the model again")
+    expected = raw_config.get(WEIGHTS_HASH_KEY)
+    if expected is not None and file_sha256(weights_path) != expected:
+        raise ValueError(f"{weights_path} does not match the checksum in {config_path}: the weights changed or are "
+                         f"corrupt since they were saved")
+
+
 def _read_config(cls, config_path: Path):
-    """config.json -> the config object (the meta keys are checked or skipped)."""
+    """config.json -> (the config object, the raw JSON object); the meta keys are checked or skipped."""
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: {config_path.parent} is not a folder written by "
                                 f"save_pretrained")
@@ -81,7 +127,7 @@ def _read_config(cls, config_path: Path):
         config = cls.config_class.from_dict(fields)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{config_path} holds an invalid {cls.config_class.__name__}: {error}") from None
-    return config
+    return config, raw
 
 
 def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
@@ -128,8 +174,9 @@ def from_pretrained(cls, pretrained_model_path, experts_implementation: str | di
     if not directory.is_dir():
         raise ValueError(f"{directory} is a file; pass the folder that save_pretrained wrote")
     target_dtype = parse_dtype(dtype, allow_auto=True)
-    config = _read_config(cls, directory / CONFIG_NAME)
+    config, raw_config = _read_config(cls, directory / CONFIG_NAME)
     weights_path = directory / WEIGHTS_NAME
+    check_same_save(raw_config, directory / CONFIG_NAME, weights_path)
     tensors = _read_weights(weights_path)
 
     model = cls(config, experts_implementation, seed=0)  # the weights are overwritten below
