@@ -18,6 +18,7 @@ from reference import reference_experts, reference_router
     ("num_experts", 2.0, r"num_experts must be an int"),
     ("hidden_act", "swiglu", r"hidden_act must be one of \[.*'silu'.*\], got 'swiglu'"),
     ("initializer_range", 0.0, r"initializer_range must be a finite float > 0"),
+    ("initializer_range", float("inf"), r"initializer_range must be a finite float > 0"),
     ("norm_topk_prob", 1, r"norm_topk_prob must be a bool"),
 ])
 def test_config_rejects_bad_values(field, value, message):
@@ -204,3 +205,19 @@ def test_int32_routing_is_accepted():
     torch.testing.assert_close(moe.experts(x, idx.int(), w), moe.experts(x, idx, w))
     ref = reference_experts(x, idx, w, moe.experts.gate_up_proj, moe.experts.down_proj)
     torch.testing.assert_close(moe.experts(x, idx, w).double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_layer_dtype_by_name_and_unrunnable_dtypes_refused():
+    cfg = moelab.MoEConfig(hidden_size=8, intermediate_size=8, num_experts=4, top_k=2)
+    assert moelab.SparseMoE(cfg, dtype="bfloat16", seed=0).experts.gate_up_proj.dtype == torch.bfloat16
+    for bad in (torch.float8_e4m3fn, torch.int8, "int8", "bf16"):
+        with pytest.raises(ValueError, match=r"dtype must be a floating torch.dtype or one of"):
+            moelab.SparseMoE(cfg, dtype=bad)
+
+
+@pytest.mark.parametrize("bound", [float("nan"), float("inf"), -1.0])
+def test_crossover_bounds_must_be_finite(bound):
+    from moelab.backends import CrossoverTable
+
+    with pytest.raises(ValueError, match=r"upper bounds .* must be increasing finite numbers >= 0"):
+        CrossoverTable(rules={"cpu/*/eager": [[bound, "eager"], [None, "grouped_mm"]]})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
@@ -71,9 +72,9 @@ class CrossoverTable:
             if not segments or segments[-1][0] is not None:
                 raise ValueError(f"the last segment of {key!r} must be [None, backend] (it covers every larger S)")
             bounds = [s[0] for s in segments[:-1]]
-            if any(not isinstance(b, (int, float)) or isinstance(b, bool) for b in bounds) \
-                    or bounds != sorted(set(bounds)):
-                raise ValueError(f"the upper bounds of {key!r} must be increasing numbers, got {bounds}")
+            if any(not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b) or b < 0
+                   for b in bounds) or bounds != sorted(set(bounds)):
+                raise ValueError(f"the upper bounds of {key!r} must be increasing finite numbers >= 0, got {bounds}")
             for _, backend in segments:
                 if backend not in AUTO_CANDIDATES:
                     raise ValueError(f"auto chooses among {list(AUTO_CANDIDATES)}, got {backend!r} in {key!r}")

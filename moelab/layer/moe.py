@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..core.activations import get_activation
 from ..core.config import MoEConfig
+from ..core.dtypes import parse_dtype
 from .experts import Experts
 from .router import RouterOutput, TopKRouter
 from ..core.steps import record_step
@@ -45,10 +46,11 @@ class SparseMoE(nn.Module):
     """
 
     def __init__(self, config: MoEConfig, experts_implementation: str = "grouped_mm", *,
-                 dtype: torch.dtype | None = None, device=None, seed: int | None = None):
+                 dtype: torch.dtype | str | None = None, device=None, seed: int | None = None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise ValueError(f"config must be a moelab.MoEConfig, got {type(config).__name__}")
+        dtype = parse_dtype(dtype, allow_auto=True)  # "bfloat16" too; a dtype the layer cannot run is refused here
         self.config = config
         self.router = TopKRouter(config, device=device)
         self.experts = Experts(config, experts_implementation, device=device)
