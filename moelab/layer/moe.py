@@ -50,7 +50,8 @@ class SparseMoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise ValueError(f"config must be a moelab.MoEConfig, got {type(config).__name__}")
-        dtype = parse_dtype(dtype, allow_auto=True)  # "bfloat16" too; a dtype the layer cannot run is refused here
+        if dtype is not None:
+            dtype = parse_dtype(dtype)  # "bfloat16" too; a dtype the layer cannot run is refused here
         self.config = config
         self.router = TopKRouter(config, device=device)
         self.experts = Experts(config, experts_implementation, device=device)
