@@ -18,6 +18,8 @@ TIER_FILES = {"test_browser.py": "browser", "test_hf.py": "hf", "test_compile.py
 COMPILE_WORDS = ("compile", "fullgraph", "inductor")  # a test whose name says so runs torch.compile
 HF_WORDS = ("transformers",)  # ... or needs transformers
 SLOW = {  # test functions that take more than about a second on 2 cores (subprocesses, servers, sweeps)
+    "test_collapse_happens_by_construction_without_balancing", "test_balancing_recovers_from_the_collapse",
+    "test_the_bias_run_balances_without_a_loss_term", "test_experts_specialise_on_planted_topics",
     "test_make_lab_serves_jupyterlab_on_notebooks", "test_cli_prints_a_table_and_writes_its_files",
     "test_cli_rejects_bad_lists", "test_default_job_prints_every_backend", "test_bad_arguments_are_named",
     "test_batched_mm_memory_grows_with_tokens_grouped_mm_stays_with_activations",

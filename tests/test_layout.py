@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "moelab"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
-SUBPACKAGES = ("core", "backends", "layer", "memory", "inspection", "models", "hf", "bench", "widgets")
+SUBPACKAGES = ("core", "data", "backends", "layer", "memory", "inspection", "models", "training", "hf", "bench",
+               "widgets")
 # third-party modules a function may import lazily: optional (transformers) or needed only on one path
 LAZY_THIRD_PARTY = ("transformers", "psutil", "tqdm")
 
@@ -126,7 +127,20 @@ PUBLIC = {
         "MoEVisionConfig", "MultiBackboneConfig", "MultiBackboneForCausalLM", "RMSNorm", "RouterOutput",
         "SparseMoE", "Stage", "TopKRouter", "Trace", "current_stage", "decode_backends", "generation_stage",
         "inspect", "load_balancing_loss", "load_pretrained", "memory", "record_step", "stage_label",
-        "synthetic_pixel_values",
+        "synthetic_pixel_values", "GlobalLoad", "router_z_loss", "data", "training",
+    ],
+    "moelab.layer": ["Experts", "GlobalLoad", "RouterOutput", "SharedExpert", "SparseMoE", "TopKRouter",
+                     "drop_by_position", "drop_by_probs", "drop_pairs", "expert_capacity", "load_balancing_loss",
+                     "router_z_loss"],
+    "moelab.data": ["Batch", "ByteTokenizer", "MAX_TOKENS", "PlantedTopics", "TextCorpus", "TokenDataset",
+                    "planted_topics", "text_corpus"],
+    "moelab.training": [
+        "MAX_BATCH_TOKENS", "MAX_TOKENS", "METHODS", "RoutingSample", "Run", "Trainer", "TrainingConfig",
+        "balancing_run", "bias_array", "drop_rate_by_position", "expert_by_position", "expert_by_token",
+        "load_array", "max_mean_load", "metric_by_layer", "mutual_information", "normalized_mutual_information",
+        "plot_balance_curves", "plot_drop_rate_vs_capacity", "plot_expert_by_position", "plot_expert_by_token",
+        "plot_load_over_training", "plot_specialisation", "route_batches", "routing_stats", "specialisation_matrix",
+        "specialisation_run", "tilt_router", "tiny_moe_lm", "token_id_routing_consistency", "warmup_cosine",
     ],
     "moelab.memory": [
         "BACKENDS", "Intermediate", "MODELLED_BACKENDS", "MemoryEstimate", "MemoryMeasurement", "StepMemory",
@@ -145,7 +159,7 @@ PUBLIC = {
         "tokens_per_expert_by_layer", "transformers_backends", "transformers_config", "transformers_experts",
     ],
     "moelab.widgets": [
-        "BackendExplorer", "DEFAULT_BUDGET_BYTES", "TraceStepper", "crossovers", "estimate_peak_bytes", "guard",
+        "BackendExplorer", "DEFAULT_BUDGET_BYTES", "TraceStepper", "TrainingExplorer", "crossovers", "estimate_peak_bytes", "guard",
         "local_sweep", "probed_peak_bytes", "quiet_stderr", "seq_len_points",
     ],
     "moelab.inspection": ["Call", "InspectionWarning", "Step", "StepCallback", "Trace", "inspect", "register_adapter"],

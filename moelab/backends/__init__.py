@@ -24,10 +24,10 @@ from .calibration import (AUTO_CANDIDATES, CrossoverTable, DEFAULT_CROSSOVERS, c
                           machine_key, reload_crossovers, set_crossovers, use_crossovers)
 from .auto import auto_experts, choose
 
-ExpertsInterface.register("eager", eager_experts, overwrite=True)
+ExpertsInterface.register("eager", eager_experts, overwrite=True, accepts_dropped=True)
 ExpertsInterface.register("batched_mm", batched_mm_experts, overwrite=True)
-ExpertsInterface.register("grouped_mm", grouped_mm_experts, overwrite=True)
-ExpertsInterface.register("auto", auto_experts, overwrite=True)
+ExpertsInterface.register("grouped_mm", grouped_mm_experts, overwrite=True, accepts_dropped=True)
+ExpertsInterface.register("auto", auto_experts, overwrite=True, accepts_dropped=True)
 
 __all__ = [
     "ExpertsInterface", "eager_experts", "batched_mm_experts", "grouped_mm_experts",

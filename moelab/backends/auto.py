@@ -46,8 +46,11 @@ def _cached_choice(pairs: int, dtype: torch.dtype, device: torch.device, num_exp
     return hit
 
 
-def auto_experts(experts, hidden_states, top_k_index, top_k_weights):
-    """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H], by the backend `choose` names."""
+def auto_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=None):
+    """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H], by the backend `choose` names.
+
+    `dropped` (capacity) is handed on to a drop-aware choice; the others compute dropped pairs with weight 0.
+    """
     pairs = top_k_index.numel()  # S = T * k
     num_experts = experts.gate_up_proj.shape[0]
     if torch.compiler.is_compiling():
@@ -58,6 +61,8 @@ def auto_experts(experts, hidden_states, top_k_index, top_k_weights):
     if is_recording():
         record_step("auto", f"auto picks {chosen} for S = {pairs} (token, expert) pairs over {num_experts} "
                     f"experts: {reason}.", chosen=chosen, pairs=pairs, reason=reason)
+    if dropped is not None and ExpertsInterface.accepts_dropped(chosen):
+        return ExpertsInterface.get(chosen)(experts, hidden_states, top_k_index, top_k_weights, dropped=dropped)
     if chosen == "grouped_mm" and cpu_compiled.applies(experts, hidden_states, top_k_index, top_k_weights):
         # NOTE: compiled CPU inference with tens of MiB of buffers: the uncompiled lean path, as one opaque op
         # (fullgraph=True still holds), beats the graph's fresh buffers; below that the graph's fused kernels win.

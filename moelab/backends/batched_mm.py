@@ -2,7 +2,8 @@
 
 Simple and shape-static (so `torch.compile(fullgraph=True)` works), but the gather duplicates
 `S * 3 * I * H` weight elements: memory grows with the number of tokens. Fastest on GPU for tiny inputs
-(decode), slow on CPU where the copy dominates.
+(decode), slow on CPU where the copy dominates. Not drop-aware, on purpose: its point is static shapes, so a pair
+dropped by capacity is computed like any other and weighed by its weight 0.
 """
 
 import torch

@@ -3,7 +3,8 @@
 For each hit expert: find its (token, slot) pairs in the expert mask, gather those tokens, run the expert's
 gated MLP on them (two small matmuls), weight by the router and add back into the tokens' rows.
 The loop length depends on the data (which experts were hit), so `torch.compile(fullgraph=True)` cannot
-capture it, as the transformers reference documents.
+capture it, as the transformers reference documents. Drop-aware: a pair marked in `dropped` (capacity) is taken out
+of the mask, so no expert computes it.
 """
 
 import torch
@@ -12,13 +13,15 @@ import torch.nn.functional as F
 from ..core.steps import is_recording, record_step
 
 
-def eager_experts(experts, hidden_states, top_k_index, top_k_weights):
-    """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+def eager_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=None):
+    """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k], dropped None or bool [T, k] -> [T, H]."""
     num_experts = experts.gate_up_proj.shape[0]
     final = torch.zeros_like(hidden_states)  # [T, H]
 
     # expert_mask[e, j, t] = 1 when token t sent its j-th choice to expert e
     expert_mask = F.one_hot(top_k_index, num_experts).permute(2, 1, 0)  # [E, k, T]
+    if dropped is not None:
+        expert_mask = expert_mask.masked_fill(dropped.t(), 0)  # a dropped pair belongs to no expert
     # NOTE: nonzero + tolist sync with the host and make the loop data-dependent: this is what breaks fullgraph.
     expert_hit = (expert_mask.sum(dim=(1, 2)) > 0).nonzero().flatten()  # [n_hit]
     record_step("expert_mask", "One-hot the routing into an [E, k, T] mask and list the experts that got tokens.",

@@ -7,6 +7,7 @@ permutations of activations. Every step below makes a new tensor and shows it wi
     sort -> offsets -> gather -> up_proj -> act -> down_proj -> weigh -> unsort -> reduce
 
 CPU inference runs the same steps with the same values in `moelab.backends.cpu.lean`, overwriting what is dead.
+Drop-aware: with a `dropped` mask (capacity) only the kept pairs are sorted and computed; the dropped ones add 0.
 """
 
 import torch
@@ -17,18 +18,18 @@ from .grouped_matmul import grouped_linear, matmul_path
 from .pairs import expert_offsets, inverse_permutation, sort_by_expert, sum_slots, tokens_per_expert
 
 
-def grouped_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
-    """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+def grouped_mm_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=None):
+    """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k], dropped None or bool [T, k] -> [T, H]."""
     # NOTE: on CPU, fresh multi-MiB buffers page-fault on every call (glibc mmaps those >= 32 MiB and gives them
     # back on free), so inference, with no autograd graph to keep the intermediates, takes the same steps in place.
-    if lean.applies(experts, hidden_states, top_k_weights):
+    if dropped is None and lean.applies(experts, hidden_states, top_k_weights):
         return lean.lean_grouped_mm(experts, hidden_states, top_k_index, top_k_weights)
 
     num_tokens, hidden_size = hidden_states.shape
     top_k = top_k_index.shape[-1]
     num_experts = experts.gate_up_proj.shape[0]
 
-    perm, sorted_expert_ids = sort_by_expert(top_k_index)  # [S], [S]
+    perm, sorted_expert_ids = sort_by_expert(top_k_index, dropped)  # [S], [S] (S_kept rows with drops)
     record_step("sort", "Sort the (token, expert) pairs by expert id so each expert's pairs are contiguous.",
                 perm=perm, sorted_expert_ids=sorted_expert_ids, code_path="plain")
 
@@ -61,10 +62,15 @@ def grouped_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
     record_step("weigh", "Scale each pair's output by its router weight (looked up in sorted order).",
                 weighted=weighted, code_path="plain")
 
-    inv_perm = inverse_permutation(perm)  # [S]
-    unsorted = torch.index_select(weighted, 0, inv_perm)  # [S, H], back in (token, slot) order
-    record_step("unsort", "The inverse permutation puts every pair back in token order.",
-                inv_perm=inv_perm, unsorted=unsorted, code_path="plain")
+    if dropped is None:
+        inv_perm = inverse_permutation(perm)  # [S]
+        unsorted = torch.index_select(weighted, 0, inv_perm)  # [S, H], back in (token, slot) order
+        record_step("unsort", "The inverse permutation puts every pair back in token order.",
+                    inv_perm=inv_perm, unsorted=unsorted, code_path="plain")
+    else:  # the kept rows go back to their pairs' places; a dropped pair's row stays 0
+        unsorted = weighted.new_zeros(num_tokens * top_k, hidden_size).index_copy(0, perm, weighted)  # [S, H]
+        record_step("unsort", "The kept pairs go back to their places in token order; dropped pairs add 0.",
+                    unsorted=unsorted, code_path="plain")
 
     final = sum_slots(unsorted.view(num_tokens, top_k, hidden_size))  # [T, H]
     record_step("reduce", "Sum each token's k weighted outputs.", output=final, code_path="plain")

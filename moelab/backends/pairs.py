@@ -7,10 +7,20 @@ Sorting the pairs by expert makes each expert's pairs contiguous rows; `offsets`
 import torch
 
 
-def sort_by_expert(top_k_index):
-    """top_k_index [T, k] -> perm [S] (pairs in expert order, stable), sorted_expert_ids [S]."""
+def sort_by_expert(top_k_index, dropped=None):
+    """top_k_index [T, k] -> perm [S] (pairs in expert order, stable), sorted_expert_ids [S].
+
+    With `dropped` (bool [T, k]) only the kept pairs: perm [S_kept]. Their number depends on the data (one host
+    sync), the price of computing no dropped pair.
+    """
     expert_ids = top_k_index.reshape(-1)  # [S]
-    perm = torch.argsort(expert_ids, stable=True)  # [S]
+    if dropped is None:
+        perm = torch.argsort(expert_ids, stable=True)  # [S]
+        return perm, expert_ids[perm]
+    # NOTE: dropped pairs get an id past every expert, so they sort last and the slice cuts them off
+    past_every_expert = torch.iinfo(expert_ids.dtype).max
+    perm = torch.argsort(expert_ids.masked_fill(dropped.reshape(-1), past_every_expert), stable=True)  # [S]
+    perm = perm[: int((~dropped).sum())]  # [S_kept]
     return perm, expert_ids[perm]
 
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from .activations import ACTIVATIONS
 
+ROUTER_SCORINGS = ("softmax", "sigmoid")
+DROP_POLICIES = ("position", "probs")
+
 
 def check_int(name: str, value, low: int, high: int | None = None, high_name: str | None = None) -> None:
     # bool is an int subclass: True would silently mean 1
@@ -18,10 +21,11 @@ def check_int(name: str, value, low: int, high: int | None = None, high_name: st
         raise ValueError(f"{name} must be in [{low}, {upper}], got {value}")
 
 
-def check_float(name: str, value, low: float = 0.0) -> None:
-    """ValueError naming `name` unless `value` is a finite int or float > `low` (bool refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= low:
-        raise ValueError(f"{name} must be a finite float > {low}, got {value!r}")
+def check_float(name: str, value, low: float = 0.0, inclusive: bool = False) -> None:
+    """ValueError naming `name` unless `value` is a finite int or float > `low` (>= with `inclusive`; bool refused)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < low or (value == low and not inclusive)):
+        raise ValueError(f"{name} must be a finite float {'>=' if inclusive else '>'} {low}, got {value!r}")
 
 
 class DictConfig:
@@ -54,6 +58,20 @@ class MoEConfig(DictConfig):
     initializer_range: std of the normal init of every weight.
     shared_expert_intermediate_size: 0 (off), or the width of a Qwen2-MoE style shared expert: a gated MLP every
         token goes through, scaled by a sigmoid gate and added to the routed output.
+
+    The training mechanics, all off by default (the defaults give today's outputs; `moelab.layer.router` says how
+    each works and where it comes from):
+    router_scoring: "softmax" (OLMoE, Qwen2-MoE, Mixtral) or "sigmoid" (DeepSeek-V3: each expert scored on its own,
+        the scores do not sum to 1).
+    router_jitter: epsilon of the Switch Transformer's multiplicative jitter `x * U(1 - eps, 1 + eps)` on the router
+        input, in training mode only; 0 is off.
+    expert_bias: aux-loss-free balancing (DeepSeek-V3): a float32 bias per expert added to the scores for the top-k
+        choice only, moved by `expert_bias_update_rate` after each optimizer step (`TopKRouter.update_expert_bias`).
+    capacity_factor: None (dropless) or the GShard/Switch capacity factor in training mode: each expert keeps at most
+        C = ceil(capacity_factor * T * k / E) of the layer's pairs, the rest are dropped (weight 0).
+    eval_capacity_factor: the same in eval mode; None is dropless.
+    drop_policy: which pairs an over-full expert keeps: "position" (GShard's order: every token's first choice
+        before any second choice, earlier tokens first) or "probs" (the highest router scores; Megatron, DeepSpeed).
     """
 
     hidden_size: int
@@ -65,6 +83,13 @@ class MoEConfig(DictConfig):
     initializer_range: float = 0.02
     shared_expert_intermediate_size: int = 0
     top_k_weights_float32: bool = False
+    router_scoring: str = "softmax"
+    router_jitter: float = 0.0
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    drop_policy: str = "position"
 
     def __post_init__(self) -> None:
         check_int("hidden_size", self.hidden_size, 1)
@@ -72,9 +97,25 @@ class MoEConfig(DictConfig):
         check_int("num_experts", self.num_experts, 1)
         check_int("top_k", self.top_k, 1, self.num_experts, "num_experts")
         check_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size, 0)
-        for name in ("norm_topk_prob", "top_k_weights_float32"):
+        for name in ("norm_topk_prob", "top_k_weights_float32", "expert_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
         check_float("initializer_range", self.initializer_range)
+        if self.router_scoring not in ROUTER_SCORINGS:
+            raise ValueError(f"router_scoring must be one of {list(ROUTER_SCORINGS)}, got {self.router_scoring!r}")
+        check_float("router_jitter", self.router_jitter, low=0.0, inclusive=True)
+        if self.router_jitter >= 1:
+            raise ValueError(f"router_jitter must be in [0, 1) (it scales the router input by U(1 - eps, 1 + eps)), "
+                             f"got {self.router_jitter!r}")
+        check_float("expert_bias_update_rate", self.expert_bias_update_rate)
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name))
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {list(DROP_POLICIES)}, got {self.drop_policy!r}")
+
+    def capacity_factor_for(self, training: bool) -> float | None:
+        """The capacity factor of a forward in training (`capacity_factor`) or eval mode (`eval_capacity_factor`)."""
+        return self.capacity_factor if training else self.eval_capacity_factor

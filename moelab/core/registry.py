@@ -15,12 +15,18 @@ class ExpertsInterface:
 
     A backend is any callable `fn(experts, hidden_states, top_k_index, top_k_weights) -> [T, H]`; a function
     defined in a notebook cell works (nothing inspects its source).
+
+    Drops (capacity, `moelab.layer.capacity`): a dropped pair keeps a valid expert id and has weight 0, so a backend
+    written to the transformers signature gives the right output by computing it with weight 0. A backend that
+    can skip the dropped pairs registers with `accepts_dropped=True` and is then also called with
+    `dropped=` a bool [T, k] mask (None when the layer is dropless).
     """
 
     _global_mapping: dict[str, ExpertsFn] = {}
+    _accepts_dropped: set[str] = set()
 
     @classmethod
-    def register(cls, name: str, fn: ExpertsFn, overwrite: bool = False) -> ExpertsFn:
+    def register(cls, name: str, fn: ExpertsFn, overwrite: bool = False, accepts_dropped: bool = False) -> ExpertsFn:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         if not callable(fn):
@@ -28,13 +34,17 @@ class ExpertsInterface:
                             f"got {type(fn).__name__}")
         if name in cls._global_mapping and not overwrite:
             raise ValueError(f"experts backend {name!r} is already registered; pass overwrite=True to replace it")
+        if not isinstance(accepts_dropped, bool):
+            raise ValueError(f"accepts_dropped must be a bool, got {accepts_dropped!r}")
         cls._global_mapping[name] = fn
+        (cls._accepts_dropped.add if accepts_dropped else cls._accepts_dropped.discard)(name)
         return fn
 
     @classmethod
     def unregister(cls, name: str) -> None:
         cls.get(name)  # same error as get() for an unknown name
         del cls._global_mapping[name]
+        cls._accepts_dropped.discard(name)
 
     @classmethod
     def get(cls, name: str) -> ExpertsFn:
@@ -42,6 +52,12 @@ class ExpertsInterface:
             return cls._global_mapping[name]
         except (KeyError, TypeError):
             raise ValueError(f"unknown experts_implementation {name!r}; valid names are {cls.names()}") from None
+
+    @classmethod
+    def accepts_dropped(cls, name: str) -> bool:
+        """Whether backend `name` takes the `dropped` mask (and skips the dropped pairs)."""
+        cls.get(name)
+        return name in cls._accepts_dropped
 
     @classmethod
     def names(cls) -> list[str]:

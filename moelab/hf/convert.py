@@ -156,8 +156,25 @@ def _check_same_function(config: MoEConfig, family: Family) -> None:
     if family.shared_expert != bool(config.shared_expert_intermediate_size):
         problems.append(f"{family.name} blocks {'always' if family.shared_expert else 'never'} have a shared expert "
                         f"(shared_expert_intermediate_size {'> 0' if family.shared_expert else '= 0'})")
+    problems += training_mechanics(config, family.name)
     if problems:
         raise ValueError(f"this SparseMoE is not a {family.name} block: " + "; ".join(problems))
+
+
+def training_mechanics(config: MoEConfig, family_name: str) -> list[str]:
+    """What of `config`'s routing mechanics (moelab's training lab) no transformers block of the family has."""
+    problems = []
+    if config.router_scoring != "softmax":
+        problems.append(f"{family_name} scores experts with a softmax (router_scoring={config.router_scoring!r})")
+    if config.expert_bias:
+        problems.append(f"{family_name} has no aux-loss-free expert bias (expert_bias=True)")
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        if getattr(config, name) is not None:
+            problems.append(f"{family_name} is dropless ({name}={getattr(config, name)})")
+    if config.router_jitter:
+        problems.append(f"{family_name} has no jitter on the router input alone (router_jitter="
+                        f"{config.router_jitter}; Mixtral's jitter_noise scales the experts' input too)")
+    return problems
 
 
 def _default_family(config: MoEConfig) -> str:
@@ -199,7 +216,8 @@ def copy_weights(source: nn.Module, target: nn.Module) -> nn.Module:
     theirs = moe_config_from_block(block)
     ours = moe.config
     fields = ("hidden_size", "intermediate_size", "num_experts", "top_k", "norm_topk_prob", "hidden_act",
-              "shared_expert_intermediate_size", "top_k_weights_float32")
+              "shared_expert_intermediate_size", "top_k_weights_float32", "router_scoring", "router_jitter",
+              "expert_bias", "capacity_factor", "eval_capacity_factor")
     different = [f"{f}: SparseMoE {getattr(ours, f)!r}, block {getattr(theirs, f)!r}" for f in fields
                  if getattr(ours, f) != getattr(theirs, f)]
     if different:

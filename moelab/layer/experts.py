@@ -13,8 +13,10 @@ from ..core.config import MoEConfig
 class Experts(nn.Module):
     """gate_up_proj [E, 2I, H] (gate rows first, then up) and down_proj [E, H, I]: the transformers layout.
 
-    `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]` runs the backend named by
-    `experts_implementation` (see `ExpertsInterface.names()`).
+    `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k], dropped=None) -> [T, H]` runs the
+    backend named by `experts_implementation` (see `ExpertsInterface.names()`). `dropped` (bool [T, k], from the
+    router's capacity) goes to the backends registered with `accepts_dropped=True`, which skip those pairs; any
+    other backend computes them with weight 0 (the dropped pairs' weights are zeroed here), the same output.
     """
 
     def __init__(self, config: MoEConfig, experts_implementation: str = "grouped_mm", dtype=None, device=None):
@@ -70,10 +72,28 @@ class Experts(nn.Module):
                                  f"got values in [{int(low)}, {int(high)}]")
         return top_k_index.long()
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
+    def check_dropped(self, dropped, top_k_index) -> None:
+        if not isinstance(dropped, torch.Tensor) or dropped.dtype != torch.bool or dropped.shape != top_k_index.shape:
+            got = f"{dropped.dtype} {list(dropped.shape)}" if isinstance(dropped, torch.Tensor) else \
+                type(dropped).__name__
+            raise ValueError(f"dropped must be None or a bool tensor of the shape of top_k_index "
+                             f"{list(top_k_index.shape)}, got {got}")
+        if dropped.device != top_k_index.device:
+            raise ValueError(f"dropped is on {dropped.device} but top_k_index is on {top_k_index.device}")
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, dropped=None):
         top_k_index = self.check_inputs(hidden_states, top_k_index, top_k_weights)
         backend = ExpertsInterface.get(self.experts_implementation)
-        output = backend(self, hidden_states, top_k_index, top_k_weights)  # [T, H]
+        if dropped is None:
+            output = backend(self, hidden_states, top_k_index, top_k_weights)  # [T, H]
+        else:
+            self.check_dropped(dropped, top_k_index)
+            # NOTE: zeroed for every backend, so a dropped pair never counts even if a caller left its weight
+            top_k_weights = top_k_weights.masked_fill(dropped, 0.0)
+            if ExpertsInterface.accepts_dropped(self.experts_implementation):
+                output = backend(self, hidden_states, top_k_index, top_k_weights, dropped=dropped)
+            else:  # written to the transformers signature: valid ids, weight 0
+                output = backend(self, hidden_states, top_k_index, top_k_weights)
         if not torch.compiler.is_compiling() and (not isinstance(output, torch.Tensor)
                                                   or output.shape != hidden_states.shape):
             got = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__

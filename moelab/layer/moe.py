@@ -84,6 +84,10 @@ class SparseMoE(nn.Module):
     def get_experts_implementation(self) -> str:
         return self.experts.get_experts_implementation()
 
+    def count_per_expert(self, top_k_index: torch.Tensor) -> torch.Tensor:
+        """top_k_index [T, k] (or any ids) -> pairs per expert [E]."""
+        return torch.bincount(top_k_index.reshape(-1), minlength=self.config.num_experts)
+
     def forward(self, hidden_states: torch.Tensor, return_router_output: bool = False):
         """hidden_states [T, H] or [B, S, H] -> same shape; with `return_router_output`, (output, RouterOutput)."""
         hidden_size = self.config.hidden_size
@@ -97,12 +101,18 @@ class SparseMoE(nn.Module):
                              f"({self.router.weight.dtype}); cast the input or the module with .to(dtype)")
         flat = hidden_states.reshape(-1, hidden_size)  # [T, H]
         routing: RouterOutput = self.router(flat)
-        record_step("route", "The router scores every expert, keeps the top k per token and renormalises.",
+        has_capacity = self.router.has_capacity()
+        derived = {"tokens_per_expert": lambda: self.count_per_expert(routing.top_k_index)}
+        drops = {}
+        if has_capacity:  # shown only where pairs can drop, so dropless traces keep their steps
+            drops["kept"] = ~routing.dropped  # [T, k]
+            derived["dropped_per_expert"] = lambda: self.count_per_expert(routing.top_k_index[routing.dropped])
+        record_step("route", "The router scores every expert, keeps the top k per token and renormalises"
+                    + ("; pairs over an expert's capacity drop (weight 0)." if has_capacity else "."),
                     router_logits=routing.router_logits, router_probs=routing.router_probs,
-                    top_k_index=routing.top_k_index, top_k_weights=routing.top_k_weights,
-                    derived={"tokens_per_expert": lambda: torch.bincount(
-                        routing.top_k_index.reshape(-1), minlength=self.config.num_experts)})
-        output = self.experts(flat, routing.top_k_index, routing.top_k_weights)  # [T, H]
+                    top_k_index=routing.top_k_index, top_k_weights=routing.top_k_weights, **drops, derived=derived)
+        output = self.experts(flat, routing.top_k_index, routing.top_k_weights,
+                              routing.dropped if has_capacity else None)  # [T, H]
         if self.shared_expert is not None:
             shared_output = self.shared_expert(flat)  # [T, H]
             shared_gate = F.sigmoid(self.shared_expert_gate(flat))  # [T, 1]

@@ -63,6 +63,7 @@ def route(tl: Timeline, dtype: torch.dtype, norm_topk_prob: bool, weights_float3
         tl.alloc("normalized", name, "[T, k]", "T*k*4", recorded_in=keep_fp32)
         tl.free("sum", "top_k_probs")
         last_fp32 = "normalized"
+    tl.alloc("dropped", "dropped", "[T, k]", "T*k", recorded_in=None)  # all False when dropless: not in the trace
     if not keep_fp32:
         tl.alloc("top_k_weights", "top_k_weights", "[T, k]", "T*k*b")
         tl.free(last_fp32)  # the float32 weights die when the router returns
@@ -220,4 +221,5 @@ def shared_expert(tl: Timeline) -> None:
     tl.live["output"] = tl.live.pop("sum_output")
 
 
-_ROUTER_KEYS = ("router_logits", "router_probs", "top_k_index", "top_k_weights", "normalized", "top_k_probs")
+_ROUTER_KEYS = ("router_logits", "router_probs", "top_k_index", "top_k_weights", "normalized", "top_k_probs",
+                "dropped")

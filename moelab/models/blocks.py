@@ -109,9 +109,15 @@ class MoEBlock(nn.Module):
         self.post_attention_norm = RMSNorm(hidden_size, eps)
         self.moe = SparseMoE(moe_config, experts_implementation)
 
-    def forward(self, x, rotary=None, cache: KVCache | None = None, layer_idx: int = 0):
+    def forward(self, x, rotary=None, cache: KVCache | None = None, layer_idx: int = 0,
+                router_outputs: list | None = None):
+        """x [B, N, H] -> [B, N, H]; appends this layer's RouterOutput to `router_outputs` when given."""
         x = x + self.attn(self.input_norm(x), rotary, cache, layer_idx)  # [B, N, H]
-        return x + self.moe(self.post_attention_norm(x))  # [B, N, H]
+        if router_outputs is None:
+            return x + self.moe(self.post_attention_norm(x))  # [B, N, H]
+        moe_output, routing = self.moe(self.post_attention_norm(x), return_router_output=True)
+        router_outputs.append(routing)
+        return x + moe_output
 
 
 class MoEDecoder(nn.Module):
@@ -127,8 +133,10 @@ class MoEDecoder(nn.Module):
             for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, inputs_embeds: torch.Tensor, past_key_values: KVCache | None = None) -> torch.Tensor:
-        """inputs_embeds [B, N, H] -> hidden states [B, N, H]; appends to `past_key_values` when given."""
+    def forward(self, inputs_embeds: torch.Tensor, past_key_values: KVCache | None = None,
+                router_outputs: list | None = None) -> torch.Tensor:
+        """inputs_embeds [B, N, H] -> hidden states [B, N, H]; appends to `past_key_values` when given, and each
+        layer's RouterOutput to `router_outputs`."""
         N = inputs_embeds.shape[1]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past + N > self.config.max_position_embeddings:
@@ -139,5 +147,5 @@ class MoEDecoder(nn.Module):
                                 self.config.rope_theta, inputs_embeds.dtype)  # cos, sin [N, hd]
         x = inputs_embeds
         for layer_idx, layer in enumerate(self.layers):
-            x = layer(x, rotary, past_key_values, layer_idx)
+            x = layer(x, rotary, past_key_values, layer_idx, router_outputs)
         return self.norm(x)

@@ -19,7 +19,10 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..core.dtypes import parse_dtype
+from ..layer.losses import GlobalLoad
 from ..layer.moe import SparseMoE
+from ..layer.router import RouterOutput
+from .aux_losses import router_losses
 from . import generation, io
 from .blocks import KVCache, MoEDecoder, RMSNorm
 from .configs import MoEModelConfig, check_input_ids
@@ -54,7 +57,33 @@ def init_weights(module: nn.Module, std: float, generator: torch.Generator | Non
 class CausalLMOutput:
     logits: torch.Tensor  # [B, N, V], one row per input token
     past_key_values: KVCache | None = None  # the cache, when use_cache
-    loss: torch.Tensor | None = None  # next-token cross-entropy, when labels are given
+    loss: torch.Tensor | None = None  # lm_loss + the weighted router losses, when labels are given
+    aux_loss: torch.Tensor | None = None  # load-balancing loss summed over layers (labels or output_router_logits)
+    z_loss: torch.Tensor | None = None  # router z-loss summed over layers (labels or output_router_logits)
+    router_outputs: tuple[RouterOutput, ...] | None = None  # each MoE layer's routing, with output_router_logits
+    lm_loss: torch.Tensor | None = None  # the next-token cross-entropy alone
+
+    @property
+    def router_logits(self) -> tuple[torch.Tensor, ...] | None:
+        """Each layer's router logits [T, E], as transformers' MoE outputs name them."""
+        return None if self.router_outputs is None else tuple(r.router_logits for r in self.router_outputs)
+
+
+def model_output(config: MoEModelConfig, logits, past_key_values, labels, router_outputs: list | None,
+                 output_router_logits: bool, batch_size: int, global_load) -> CausalLMOutput:
+    """The output of a forward: the LM loss and, where routing was kept, the router losses weighed into `loss`."""
+    lm_loss = causal_lm_loss(logits, labels) if labels is not None else None
+    aux_loss = z_loss = None
+    loss = lm_loss
+    if router_outputs:
+        aux_loss, z_loss = router_losses(router_outputs, config.router_aux_loss_scope, batch_size, global_load)
+    if lm_loss is not None:  # NOTE: a 0 coefficient adds nothing, so today's loss (and its graph) is unchanged
+        if config.router_aux_loss_coef:
+            loss = loss + config.router_aux_loss_coef * aux_loss
+        if config.router_z_loss_coef:
+            loss = loss + config.router_z_loss_coef * z_loss
+    return CausalLMOutput(logits, past_key_values, loss, aux_loss, z_loss,
+                          tuple(router_outputs) if output_router_logits else None, lm_loss)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -176,16 +205,22 @@ class MoEForCausalLM(MoEPreTrainedModel):
         return {"": [layer.moe for layer in self.model.layers]}
 
     def forward(self, input_ids: torch.Tensor, *, past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: torch.Tensor | None = None) -> CausalLMOutput:
+                labels: torch.Tensor | None = None, output_router_logits: bool = False,
+                global_load: GlobalLoad | None = None) -> CausalLMOutput:
         """input_ids [B, N] -> logits [B, N, V]. With `use_cache` (implied by `past_key_values`) this forward's
         keys and values are appended to `past_key_values` (a new KVCache if None) and positions continue after
-        the cached ones."""
+        the cached ones.
+
+        With `labels` the output has `loss`, `lm_loss`, `aux_loss` and `z_loss`; with `output_router_logits` also
+        each layer's `RouterOutput` (and the two router losses without labels). `global_load`: see
+        `moelab.GlobalLoad`, for `router_aux_loss_scope="global"` under gradient accumulation."""
         check_input_ids(input_ids, self.config.vocab_size)
         use_cache = use_cache or past_key_values is not None  # a given cache is always extended
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
+        router_outputs = [] if labels is not None or output_router_logits else None
         inputs_embeds = self.model.embed_tokens(input_ids)  # [B, N, H]
-        hidden_states = self.model(inputs_embeds, past_key_values)  # [B, N, H]
+        hidden_states = self.model(inputs_embeds, past_key_values, router_outputs)  # [B, N, H]
         logits = self.lm_head(hidden_states)  # [B, N, V]
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits, past_key_values if use_cache else None, loss)
+        return model_output(self.config, logits, past_key_values if use_cache else None, labels, router_outputs,
+                            output_router_logits, input_ids.shape[0], global_load)

@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 
 from ..core.config import DictConfig, MoEConfig, check_float, check_int
+from ..layer.losses import SCOPES
 
 
 def moe_config_of(moe, hidden_size: int, field: str, num_experts: int) -> MoEConfig:
@@ -48,6 +49,9 @@ class MoEModelConfig(DictConfig):
     rms_norm_eps, rope_theta, initializer_range: as in transformers (std of the normal init of non-MoE weights).
     moe: the `MoEConfig` of every layer's MoE block (its hidden_size must equal hidden_size); None gives
         8 experts, top_k 2, intermediate_size 2 * hidden_size.
+    router_aux_loss_coef: weight of the load-balancing loss (summed over layers) in `loss`; 0 leaves it out.
+    router_z_loss_coef: weight of the router z-loss (summed over layers) in `loss`; 0 leaves it out.
+    router_aux_loss_scope: "batch", "sequence" or "global", as `moelab.load_balancing_loss` takes it.
     """
 
     vocab_size: int = 256
@@ -59,9 +63,17 @@ class MoEModelConfig(DictConfig):
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
     moe: MoEConfig | None = None
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    router_aux_loss_scope: str = "batch"
 
     def __post_init__(self) -> None:
         check_int("vocab_size", self.vocab_size, 1)
+        check_float("router_aux_loss_coef", self.router_aux_loss_coef, inclusive=True)
+        check_float("router_z_loss_coef", self.router_z_loss_coef, inclusive=True)
+        if self.router_aux_loss_scope not in SCOPES:
+            raise ValueError(f"router_aux_loss_scope must be one of {list(SCOPES)}, got "
+                             f"{self.router_aux_loss_scope!r}")
         check_int("hidden_size", self.hidden_size, 1)
         check_int("num_hidden_layers", self.num_hidden_layers, 1)
         check_int("num_attention_heads", self.num_attention_heads, 1, self.hidden_size, "hidden_size")

@@ -118,6 +118,12 @@ def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperatur
     if prefill_length + max_new_tokens > text_config.max_position_embeddings:
         raise ValueError(f"max_new_tokens = {max_new_tokens} after a prefill of {prefill_length} positions exceeds "
                          f"max_position_embeddings = {text_config.max_position_embeddings}")
+    for name, moe in model.moe_layers().items():
+        if moe.config.eval_capacity_factor is not None:
+            raise ValueError(f"generate() cannot run {name} with eval_capacity_factor = "
+                             f"{moe.config.eval_capacity_factor}: capacity drops are not causal (whether a token's "
+                             f"pair drops depends on the other tokens of the call, so a prefill and a decode step "
+                             f"would route it differently); set eval_capacity_factor=None to generate dropless")
     if backend_map is None:
         return _decode_policy(model.device.type)
     return check_backend_map(backend_map)
@@ -160,7 +166,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 20, *, do_sam
     `generator`) makes sampling reproducible. A sequence that emits `eos_token_id` is padded with it; generation
     stops early once all have. `use_cache=False` recomputes the whole sequence at every decode step (slow, the
     reference the cache must match). `model_kwargs` (e.g. `pixel_values`) go to the prefill forward only,
-    and to every forward when `use_cache=False`.
+    and to every forward when `use_cache=False`. The model runs in eval mode (no router jitter, the eval capacity)
+    and gets its mode back afterwards.
 
     `decode_backends` is the `{selected: used in decode}` swap applied for the decode stage; None asks the policy
     `moelab.decode_backends(model.device.type)`. Pass `moelab.decode_backends("cuda")` to see the GPU schedule
@@ -189,27 +196,32 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 20, *, do_sam
         sequences = torch.cat([sequences, token[:, None]], dim=1)  # [B, P + n]
         return out.past_key_values
 
-    with BackendRecorder(model.moe_layers()) as recorder:
-        if max_new_tokens > 0:
-            _synchronize(model.device)
-            start = time.perf_counter()
-            with generation_stage("prefill"):
-                cache = step(input_ids, None, model_kwargs)
-            _synchronize(model.device)
-            times["prefill"] = time.perf_counter() - start
+    was_training = model.training
+    model.eval()  # generation is inference: no router jitter, and the eval capacity (refused above) if any
+    try:
+        with BackendRecorder(model.moe_layers()) as recorder:
+            if max_new_tokens > 0:
+                _synchronize(model.device)
+                start = time.perf_counter()
+                with generation_stage("prefill"):
+                    cache = step(input_ids, None, model_kwargs)
+                _synchronize(model.device)
+                times["prefill"] = time.perf_counter() - start
 
-            start = time.perf_counter()
-            with switched_experts_implementation(model, backend_map):
-                for decode_step in range(max_new_tokens - 1):
-                    if eos_token_id is not None and bool(finished.all()):
-                        break
-                    with generation_stage("decode", decode_step):
-                        if use_cache:  # only the newest token; the cache holds the rest
-                            cache = step(sequences[:, -1:], cache, {})
-                        else:  # the whole sequence again
-                            step(sequences, None, model_kwargs)
-            _synchronize(model.device)
-            times["decode"] = time.perf_counter() - start
+                start = time.perf_counter()
+                with switched_experts_implementation(model, backend_map):
+                    for decode_step in range(max_new_tokens - 1):
+                        if eos_token_id is not None and bool(finished.all()):
+                            break
+                        with generation_stage("decode", decode_step):
+                            if use_cache:  # only the newest token; the cache holds the rest
+                                cache = step(sequences[:, -1:], cache, {})
+                            else:  # the whole sequence again
+                                step(sequences, None, model_kwargs)
+                _synchronize(model.device)
+                times["decode"] = time.perf_counter() - start
+    finally:
+        model.train(was_training)
 
     logits = torch.stack(scores, dim=1) if output_logits and scores else None  # [B, n, V]
     if output_logits and logits is None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..layer.moe import SparseMoE
 from .blocks import KVCache, MoEBlock, MoEDecoder, RMSNorm
-from .causal_lm import CausalLMOutput, MoEPreTrainedModel, causal_lm_loss, init_weights
+from .causal_lm import CausalLMOutput, MoEPreTrainedModel, init_weights, model_output
 from .configs import MoEVisionConfig, MultiBackboneConfig, check_input_ids
 
 
@@ -51,12 +51,13 @@ class MoEVisionEncoder(nn.Module):
             for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, C, Hi, Wi] -> patch states [B, Q, Hv]."""
+    def forward(self, pixel_values: torch.Tensor, router_outputs: list | None = None) -> torch.Tensor:
+        """pixel_values [B, C, Hi, Wi] -> patch states [B, Q, Hv]; each layer's RouterOutput appended to
+        `router_outputs` when given."""
         x = self.patch_embed(patchify(pixel_values, self.config.patch_size))  # [B, Q, Hv]
         x = x + self.position_embed.weight  # [B, Q, Hv]: where each patch sits
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, router_outputs=router_outputs)
         return self.norm(x)
 
 
@@ -118,22 +119,26 @@ class MultiBackboneForCausalLM(MoEPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: torch.Tensor | None = None) -> CausalLMOutput:
+                labels: torch.Tensor | None = None, output_router_logits: bool = False,
+                global_load=None) -> CausalLMOutput:
         """input_ids [B, N] (+ pixel_values [B, C, Hi, Wi]) -> logits [B, N, V] for the text positions.
 
         With an image the decoder sees [Q image tokens; N text tokens]; pass the image once, in the first
-        forward, and later forwards attend to it through the KV cache.
+        forward, and later forwards attend to it through the KV cache. The router losses and outputs are as in
+        `MoEForCausalLM.forward`, over the vision layers (when an image is given) then the text layers, weighed
+        by the text config's coefficients.
         """
         check_input_ids(input_ids, self.text_config.vocab_size)
         use_cache = use_cache or past_key_values is not None
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
+        router_outputs = [] if labels is not None or output_router_logits else None
         inputs_embeds = self.language_model.embed_tokens(input_ids)  # [B, N, H]
         if pixel_values is not None:
             pixel_values = self._check_pixel_values(pixel_values, input_ids.shape[0])
-            image_embeds = self.projector(self.vision_model(pixel_values))  # [B, Q, H]
+            image_embeds = self.projector(self.vision_model(pixel_values, router_outputs))  # [B, Q, H]
             inputs_embeds = torch.cat([image_embeds, inputs_embeds], dim=1)  # [B, Q + N, H]
-        hidden_states = self.language_model(inputs_embeds, past_key_values)  # [B, Q + N, H]
+        hidden_states = self.language_model(inputs_embeds, past_key_values, router_outputs)  # [B, Q + N, H]
         logits = self.lm_head(hidden_states[:, -input_ids.shape[1]:])  # [B, N, V]: text positions only
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits, past_key_values if use_cache else None, loss)
+        return model_output(self.text_config, logits, past_key_values if use_cache else None, labels,
+                            router_outputs, output_router_logits, input_ids.shape[0], global_load)
