@@ -52,6 +52,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The module runs torch on one intra-op thread and gives the setting back (`pytest.mark.usefixtures`)."""
+    # NOTE: training steps of tiny models are short; on 2 shared cores a second intra-op thread mostly waits
+    # for the first (it made a step ~50x slower here)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_moe(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, dtype=torch.float32,
              backend="grouped_mm", seed=0, **kw):
     """A layer whose weights are O(1/sqrt(fan_in)), so outputs are O(1) and tolerances mean something."""

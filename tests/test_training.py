@@ -14,14 +14,7 @@ from moelab.training import MAX_BATCH_TOKENS, MAX_TOKENS, Trainer, TrainingConfi
 from moelab.training.history import BASE_COLUMNS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # NOTE: these models are tiny; on shared cores a second intra-op thread only waits for the first (it made
-    # a step ~50x slower here), so the file runs on one and gives the setting back
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny training steps run on one thread
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +205,27 @@ def test_the_guard_refuses_long_runs_and_big_micro_batches():
     with pytest.raises(ValueError, match="max_tokens"):
         TrainingConfig(steps=steps + 1, batch_size=64, seq_len=64, eval_batches=4)
     assert TrainingConfig(steps=10_000, batch_size=16, seq_len=64, max_tokens=2 ** 24).steps == 10_000
+
+
+def test_merged_router_outputs_count_a_hand_built_output_as_all_kept():
+    from moelab.layer.router import RouterOutput
+    from moelab.training.analysis import routing_stats
+    from moelab.training.history import merge_router_outputs
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=generator)  # [T, E]
+    index = logits.topk(2, dim=-1).indices  # [T, k]
+    probs = logits.softmax(-1)
+    weights = probs.gather(-1, index)
+    dropped = torch.tensor([[False, True]] * 3 + [[False, False]] * 3)
+    hand_built = RouterOutput(logits[:3], probs[:3], index[:3], weights[:3])  # four fields: dropped is None
+    full = RouterOutput(logits[3:], probs[3:], index[3:], weights[3:], dropped[3:])
+    merged = merge_router_outputs([hand_built, full])
+    assert torch.equal(merged.top_k_index, index) and not merged.dropped.any()
+    assert routing_stats(merged)["drop_rate"] == 0.0
+    capped = merge_router_outputs([RouterOutput(logits[:3], probs[:3], index[:3], weights[:3], dropped[:3]), full])
+    assert torch.equal(capped.dropped, dropped)
+    assert routing_stats(capped)["tokens_per_expert"].sum() == 12 - 3  # kept pairs: T * k minus the drops
+    assert merge_router_outputs([hand_built]).dropped is None
+    with pytest.raises(ValueError, match="at least one RouterOutput"):
+        merge_router_outputs([])

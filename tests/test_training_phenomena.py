@@ -8,13 +8,7 @@ from moelab.training import (balancing_run, normalized_mutual_information, speci
                              specialisation_run, tilt_router, tiny_moe_lm)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # NOTE: on 2 shared cores a second torch thread makes these tiny steps many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny training steps run on one thread
 
 
 @pytest.fixture(scope="module")

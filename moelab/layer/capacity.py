@@ -1,8 +1,11 @@
 """Expert capacity (GShard, arXiv 2006.16668; Switch Transformer, arXiv 2101.03961): which pairs an expert drops.
 
 With a capacity factor each expert takes at most `C = ceil(capacity_factor * T * k / E)` of the layer's S = T * k
-(token, expert) pairs; the rest of its pairs are dropped. A dropped pair keeps its expert id and gets weight 0
-(the router does that): the shapes stay [T, k], and a token whose every pair dropped passes through the residual.
+(token, expert) pairs; the rest of its pairs are dropped. T is every token of the call: a [B, L] batch is
+flattened to T = B * L first, so capacity is shared over the batch (as in GShard's group and Switch), not
+reserved per sequence; a long sequence can take an expert's capacity from the others. A dropped pair keeps its
+expert id and gets weight 0 (the router does that): the shapes stay [T, k], and a token whose every pair dropped
+passes through the residual.
 
 Two policies choose what an over-full expert keeps:
 - "position" (GShard's priority order): every token's first choice before any token's second choice, and within

@@ -22,8 +22,18 @@ BASE_COLUMNS = ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_nor
 
 
 def merge_router_outputs(outputs: list[RouterOutput]) -> RouterOutput:
-    """One layer's RouterOutputs of a step's micro-batches as one, tokens concatenated: [sum of T, ...]."""
-    return RouterOutput(*(torch.cat([field.detach() for field in fields]) for fields in zip(*outputs)))
+    """One layer's RouterOutputs of a step's micro-batches as one, tokens concatenated: [sum of T, ...].
+
+    A hand-built RouterOutput may leave `dropped` None (dropless): it counts as all kept.
+    """
+    if not outputs:
+        raise ValueError("merge_router_outputs needs at least one RouterOutput")
+    merged = RouterOutput(*(torch.cat([f.detach() for f in fields]) for fields in zip(*(o[:4] for o in outputs))))
+    if all(o.dropped is None for o in outputs):
+        return merged
+    dropped = [torch.zeros_like(o.top_k_index, dtype=torch.bool) if o.dropped is None else o.dropped
+               for o in outputs]  # [T_i, k] each
+    return merged._replace(dropped=torch.cat(dropped))
 
 
 def layer_stats(outputs_by_layer: list[list[RouterOutput]]) -> list[dict]:

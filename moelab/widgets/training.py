@@ -149,8 +149,8 @@ class TrainingExplorer:
         self.last_run = runner(s["method"], value, steps=steps, seed=self.seed, callback=callback)
         self._draw(label, steps)
         before, after = self.last_run.before.max_mean_load(), self.last_run.after.max_mean_load()
-        self.message = (f"{label}, {steps} steps: held-out max/mean load per layer {_layers(before)} before, "
-                        f"{_layers(after)} after (1.00 = balanced, 8.00 = all on one expert)")
+        self.message = (f"{label}, {steps} steps: held-out max/mean load per layer: before {_layers(before)}, "
+                        f"after {_layers(after)} (1.00 = balanced, 8.00 = all on one expert)")
         self._set_status(self.message)
         return self.last_run
 
