@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # lets tests import reference.py
 
 import moelab  # noqa: E402
 
-BACKENDS = ("eager", "batched_mm", "grouped_mm")
+BACKENDS = ("eager", "batched_mm", "grouped_mm", "capacity", "block_aligned")  # the five layouts, not auto
 
 # ------------------------------------------------------------------------------------------------ test tiers
 # Every test is put in its tier here, so the test files stay free of bookkeeping; `make test-fast` deselects the

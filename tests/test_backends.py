@@ -20,7 +20,7 @@ from reference import ODD_SHAPES, reference_experts, reference_moe, routing_for
 # - float16 (11 bits, 2^-12 = 0.024% per rounding): the same count, 5e-3 absolute and relative.
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
        torch.float16: dict(atol=5e-3, rtol=5e-3)}
-BUILT_IN = ("eager", "batched_mm", "grouped_mm", "auto")  # every backend moelab registers
+BUILT_IN = ("eager", "batched_mm", "grouped_mm", "capacity", "block_aligned", "auto")  # every backend moelab registers
 MODES = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad}  # no_grad: CPU inference takes the fast path
 
 

@@ -43,6 +43,6 @@ def test_gradients_agree_across_backends_on_unaligned_sizes():
     x, grad_out = torch.randn(9, 6), torch.randn(9, 6)
     for backend in BACKENDS:
         grads[backend] = grads_of(make_moe(6, 5, 4, 2, backend=backend), x, grad_out)
-    for backend in ("batched_mm", "grouped_mm"):
+    for backend in BACKENDS[1:]:
         for name, g in grads["eager"].items():
             torch.testing.assert_close(grads[backend][name], g, atol=1e-5, rtol=1e-4, msg=f"{backend} {name}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -36,10 +39,12 @@ def test_every_formula_evaluates_to_its_bytes(backend, dtype):
     assert isinstance(estimate.peak_bytes, int)
     assert estimate.peak_bytes == max(s.peak_bytes for s in estimate.steps)
     symbols = dict(estimate.sizes)
+    layout = {"capacity": {"C": 10},  # balanced C = ceil(T*k/E) = ceil(60 / 6)
+              "block_aligned": {"M": 16, "R": 60 + 6 * 15}}.get(backend, {})
     assert symbols == {"T": 20, "k": 3, "E": 6, "H": 48, "I": 80, "b": dtype.itemsize, "Is": 32,
-                       **({"w": 4} if dtype != torch.float32 else {})}
+                       **({"w": 4} if dtype != torch.float32 else {}), **layout}
     for inter in estimate.intermediates:
-        assert set(inter.formula) <= set("TkEHIbwsn*0123456789 "), inter.formula
+        assert set(inter.formula) <= set("TkEHIbwsnCMR*+-/() 0123456789"), inter.formula
         assert eval(inter.formula, {}, {**symbols, "n": inter.n}) == inter.nbytes, inter
 
 
@@ -105,16 +110,31 @@ def test_analytic_bytes_equal_the_bytes_the_trace_recorded(backend, dtype, grad,
     if backend == "grouped_mm":  # grad: the parameters require grad, so autograd records the call
         assert call.code_path == ("plain" if grad else "cpu_lean")
     estimate = call.memory_estimate()
-    steps = call.steps
+    assert_recorded_as_modelled(trace, estimate)
+
+
+def assert_recorded_as_modelled(trace, estimate):
+    """Every modelled tensor the trace records is there, and the storage it lives in has the modelled bytes (a
+    storage may hold several modelled tensors, eager's torch.where columns, or more than the recorded view, capacity's
+    buffer with its spare row); the per-step table then agrees to the byte."""
+    steps = trace.calls[0].steps
     assert [s.step for s in estimate.steps] == [s.name for s in steps]  # the model walks the same steps
+    per_storage, storages = {}, {}
     for inter in estimate.intermediates:
         if inter.recorded_in is None:
             continue
         index = inter.step_index if inter.recorded_in == inter.step else \
             next(s.index for s in steps if s.name == inter.recorded_in and s.index > inter.step_index)
         key = inter.recorded_as or inter.name
-        assert steps[index].tensors[key].nbytes == inter.nbytes, (inter.step, inter.name)
+        tensor = steps[index].tensors[key]
+        storage = tensor.untyped_storage()
+        per_storage[storage.data_ptr()] = per_storage.get(storage.data_ptr(), 0) + inter.nbytes
+        storages[storage.data_ptr()] = (storage.nbytes(), inter.step, inter.name)
+        assert tensor.nbytes <= inter.nbytes or len([i for i in estimate.intermediates
+                                                     if (i.recorded_as or i.name) == key]) == 1, (inter.name, key)
         assert (key in steps[index].copied) == inter.copy, (inter.step, inter.name)
+    for ptr, total in per_storage.items():
+        assert storages[ptr][0] == total, storages[ptr]
     table = trace.memory
     assert table.recorded_bytes.tolist() == table.analytic_bytes.tolist()
     assert estimate.copied_bytes == sum(s.tensors[key].nbytes for s in steps for key in s.copied)
@@ -180,6 +200,31 @@ def test_measure_counts_only_the_extra_memory():
     assert memory.measure(lambda: before.mul_(2)).peak_bytes < 64  # in place: at most a wrapped scalar
     with pytest.raises(ValueError, match="cpu"):
         memory.measure(lambda: None, device="meta")
+
+
+def test_measure_does_not_count_a_free_of_an_earlier_calls_tensor():
+    """A tensor made under an earlier profiled call and held only by a reference cycle is freed before the call,
+    not by the cyclic collector inside it: there its free is a negative event (once in CI it lowered eager's
+    measured peak by 64 KiB)."""
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.cycle = holder
+    memory.measure(lambda: setattr(holder, "tensor", torch.ones(2 ** 16)))  # 256 KiB the profiler knows the size of
+    alive = weakref.ref(holder.tensor)
+    del holder  # now only the cycle keeps it
+    collector_on = []
+
+    def work():
+        collector_on.append(gc.isenabled())
+        gc.collect()  # what an automatic collection would do here
+        return torch.ones(2 ** 10)
+
+    result = memory.measure(work)
+    assert alive() is None and collector_on == [False] and gc.isenabled()
+    assert result.peak_bytes == result.retained_bytes == 4 * 2 ** 10
 
 
 # batched_mm only at T=256: its 400 MiB of weight copies at T=128 would add time, not coverage

@@ -47,7 +47,7 @@ def test_real_run_rows_carry_the_slider_settings_and_the_figure_matches_the_tabl
     ex.set(num_experts=6, top_k=3, batch_size=2, seq_len=5, dtype="bfloat16")
     results = ex.run()
     assert results is ex.last_results and not ex.refused and ex.runs == 1
-    assert tuple(dict.fromkeys(results["backend"])) == widgets.BACKENDS == bench.FIXED_BACKENDS
+    assert tuple(dict.fromkeys(results["backend"])) == widgets.BACKENDS == moelab.backends.AUTO_CANDIDATES
     for column, value in {"top_k": 3, "num_experts": 6, "batch_size": 2, "dtype": "bfloat16", "compile": False}.items():
         assert (results[column] == value).all(), column
     assert sorted(set(results["seq_len"])) == seq_len_points(5) == [1, 2, 4, 5]
@@ -276,7 +276,7 @@ def test_the_explorer_sweep_is_moelab_bench_sweep(monkeypatch):
                          measure_memory=False, seed=3, progress=False)
     pd.testing.assert_frame_equal(results[DETERMINISTIC], direct[DETERMINISTIC])
     assert (results["median_ms"] > 0).all() and (results["max_abs_diff_to_eager"] < 1e-5).all()
-    assert set(results.loc[results.backend == "auto", "chosen"]) <= set(bench.FIXED_BACKENDS)
+    assert set(results.loc[results.backend == "auto", "chosen"]) <= set(moelab.backends.AUTO_CANDIDATES)
 
 
 def test_local_sweep_is_the_bench_sweep_with_estimated_memory_and_keeps_the_guard():

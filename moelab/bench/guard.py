@@ -4,6 +4,11 @@ The estimate is what stays resident (the layer's weights, a transformers copy of
 inputs) plus the analytic peak of extra memory of one call from `moelab.memory.analytic`. With backward, the
 autograd graph keeps the forward's intermediates alive and the weights get gradients: we count twice the forward
 peak plus one more copy of the weights, a deliberately generous figure.
+
+The guard runs before the routing exists, so a backend whose memory depends on how the pairs spread over the
+experts (`ROUTING_DEPENDENT`) is sized for the worst routing (`worst_case_counts`), never for a balanced one:
+eager's busiest expert then has all T tokens, and dropless `capacity`'s C (its largest group) is T, a buffer of
+E * T rows, E / k times the pairs. `block_aligned` needs no such bound: its buffer has the static S + E * (M - 1) rows.
 """
 
 from __future__ import annotations
@@ -84,16 +89,33 @@ class Estimate:
         return self.resident_bytes + self.extra_bytes
 
 
+# the backends whose peak depends on the pairs per expert: eager's per-expert intermediates grow with its busiest
+# expert, and the sweep calls `capacity` without a dropped mask, so its C is the largest group (the data's)
+ROUTING_DEPENDENT = ("eager", "capacity")
+
+
+def worst_case_counts(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, ...]:
+    """Pairs per expert of the worst routing: every token picks the same k experts, T pairs each (a token's k
+    choices are distinct experts, so no expert can get more than T). Sums to T * k, as `memory.analytic` wants."""
+    return (num_tokens,) * top_k + (0,) * (num_experts - top_k)
+
+
 def backend_peak(config, num_tokens: int, backend: str, dtype, *, device="cpu",
                  compiled: bool = False) -> tuple[int, str]:
     """(analytic peak extra bytes of one experts call, how it was estimated)."""
     name = backend
-    note = ""
+    notes = []
     if backend == "auto":
         name, _ = choose(num_tokens * config.top_k, dtype, device, compiled, config.num_experts)
-        note = f"auto -> {name}"
-    if name in memory.BACKENDS:
-        return int(memory.analytic(config, num_tokens, name, dtype, router=False).peak_bytes), note
+        notes.append(f"auto -> {name}")
+    if name in memory.MODELLED_BACKENDS:
+        counts = None
+        if name in ROUTING_DEPENDENT:  # the routing is not known yet: the worst one, never a balanced guess
+            counts = worst_case_counts(num_tokens, config.top_k, config.num_experts)
+            notes.append(f"worst-case routing: {config.top_k} expert(s) with all T = {num_tokens} tokens"
+                         + (f", so C = {num_tokens}" if name == "capacity" else ""))
+        peak = memory.analytic(config, num_tokens, name, dtype, router=False, tokens_per_expert=counts).peak_bytes
+        return int(peak), "; ".join(notes)
     # a user's backend: no model; assume it is no worse than the worse of the two that copy no weights
     peak = max(int(memory.analytic(config, num_tokens, b, dtype, router=False).peak_bytes)
                for b in ("eager", "grouped_mm"))

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .analysis import FIXED_BACKENDS
+from ..backends.calibration import AUTO_CANDIDATES
 from .io import label
 
 _MARKERS = "osD^vP*X<>"
@@ -110,7 +110,8 @@ def plot_time(table: pd.DataFrame, dtype=None, variants=None, dense: bool = True
               value: str = "median_ms", min_gap: float = 0.05) -> Figure:
     """Median time vs tokens per variant, log-log, one panel per (dtype, num_experts) x top_k.
 
-    Error bars: the interquartile range. annotate: True marks where the moelab backends overtake one another;
+    Error bars: the interquartile range. annotate: True marks where the backends `auto` chooses among overtake
+    one another (the crossovers it is calibrated by; all pairs of five backends would crowd the panels);
     or a list of (a, b) variant pairs to mark instead; crossings between near-ties (< min_gap apart on either
     side) are not marked.
     """
@@ -120,7 +121,7 @@ def plot_time(table: pd.DataFrame, dtype=None, variants=None, dense: bool = True
     rows, cols = _facets(t)
     fig, axes = _panel_grid(rows, cols)
     if annotate is True:
-        fixed = [v for v in variants if v in FIXED_BACKENDS]
+        fixed = [v for v in variants if v in AUTO_CANDIDATES]
         annotate = list(itertools.combinations(fixed, 2))
     for (r, (dt, E)), (c, k) in itertools.product(enumerate(rows), enumerate(cols)):
         ax = axes[r, c]

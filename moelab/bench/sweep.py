@@ -33,7 +33,10 @@ from .baselines import dense_pair, grouped_gemm_pair, useful_flops
 from .env import environment, load_average, resolve_clock
 from .timing import measure_interleaved, native_stderr_silenced
 
-DEFAULT_BACKENDS = ("eager", "batched_mm", "grouped_mm", "auto")
+DEFAULT_BACKENDS = ("eager", "batched_mm", "grouped_mm", "capacity", "block_aligned", "auto")
+# compiled with fullgraph=False: eager loops over the experts hit (data-dependent), and the sweep calls capacity
+# without a dropped mask, so its C is the largest group, a data-dependent size (docs/compile_table.md)
+NOT_FULLGRAPH = ("eager", "capacity")
 DEFAULT_GRID = {
     "tokens": (1, 16, 128, 512, 2048),
     "num_experts": (8, 64),
@@ -117,12 +120,13 @@ def sweep(backends: Sequence[str] | None = None, tokens=DEFAULT_GRID["tokens"],
     min_run_time: seconds of timing per measurement (torch.utils.benchmark's blocked_autorange); min_runs: at
     least this many timed blocks, so that the median and IQR rest on several values even for slow calls.
     memory_budget: bytes, a fraction of the available memory, or a string such as "8GiB"; default half the
-    available memory: a measurement estimated above it is skipped and recorded with the reason.
+    available memory: a measurement estimated above it (`moelab.bench.guard`: before the routing exists, so a
+    routing-dependent backend is sized for the worst routing) is skipped and recorded with the reason.
     measure_memory: also measure each call's peak extra bytes (one profiled call). dense_limit: measure the
     dense matmul pair; gemm_bound: also time the bare grouped GEMMs of the routing, as they are and with every
     group reading one expert's weights (kept in cache: what streaming E experts' weights costs). clock: "auto" (CPU time of
     this process for one CPU thread, else wall), "wall" or "process". compile_mode: torch.compile mode for the
-    compiled variants (`fullgraph=True`, except eager, which cannot be captured whole).
+    compiled variants (`fullgraph=True`, except `NOT_FULLGRAPH`, which cannot be captured whole).
     The table's `attrs["environment"]` records versions, device, threads, CPU capability and the clock.
     """
     backends = _as_tuple(backends or DEFAULT_BACKENDS, "backends")
@@ -298,7 +302,7 @@ def _row(base, library, backend, compiled, batch_size, seq_len, **values) -> dic
 def _prepare_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, top_k_weights, reference, est, *,
                  backward, compile_mode):
     """(stmt, extra columns) ready to time, warmed up (and compiled); or the error row if it cannot run."""
-    fullgraph = name != "eager"  # eager's data-dependent loop cannot be captured whole
+    fullgraph = name not in NOT_FULLGRAPH  # their data-dependent loop or size cannot be captured whole
     extra = {"estimate_bytes": est.total_bytes}
     if comp:
         extra.update(compile_mode=compile_mode or "default", fullgraph=fullgraph)

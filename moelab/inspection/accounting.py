@@ -67,6 +67,9 @@ class SizesConfig:
     top_k_weights_float32: bool = False
     shared_expert_intermediate_size: int = 0
     hidden_act: str = "silu"
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    drop_policy: str = "position"
 
     @classmethod
     def from_sizes(cls, sizes: dict) -> SizesConfig:
@@ -83,33 +86,71 @@ def layer_sizes(module: nn.Module) -> dict | None:
     except (AttributeError, TypeError):
         return None
     if config is not None:
-        for name in ("norm_topk_prob", "top_k_weights_float32", "shared_expert_intermediate_size", "hidden_act"):
+        for name in ("norm_topk_prob", "top_k_weights_float32", "shared_expert_intermediate_size", "hidden_act",
+                     "capacity_factor", "eval_capacity_factor", "drop_policy"):
             if hasattr(config, name):
                 sizes[name] = getattr(config, name)
     return sizes
 
 
+def _values(tensor) -> list[int] | None:
+    """A recorded tensor's values, or None when the trace kept only its shape (`keep_tensors=False`: meta)."""
+    if tensor is None or tensor.device.type == "meta":
+        return None
+    return [int(v) for v in tensor.tolist()]
+
+
 def call_estimate(call: Call) -> MemoryEstimate | None:
-    """The analytic memory model of `call` (None for a backend without one, or unknown sizes)."""
+    """The analytic memory model of `call` (None for a backend without one, or unknown sizes).
+
+    What the model needs beyond the sizes comes from the call's steps: eager's pairs per expert (its `expert`
+    steps), capacity's C (`positions`, `info["capacity"]`), block_aligned's M (`align`, `info["block_size"]`),
+    whether a dropped mask reached the experts (SparseMoE's `route` shows `kept` exactly then; for an `Experts`
+    call, grouped_mm's `unsort` without `inv_perm`, or kept counts below T*k) and the kept pairs of grouped_mm.
+    An `Experts` call given an all-False mask reads as dropless (the same recorded bytes, a slightly lower peak).
+    """
     backend = call.backend
     for step in call.find("auto"):  # `auto` says which backend it delegated to
         backend = step.info.get("chosen", backend)
     if (call.sizes is None or "top_k" not in call.sizes or call.num_tokens is None
             or backend not in MODELLED_BACKENDS):
         return None
-    counts = None
+    num_experts, pairs = call.sizes["num_experts"], call.num_tokens * call.sizes["top_k"]
+    counts = drops = None
+    layout = {}  # capacity's C, block_aligned's M: as the call's steps recorded them
     if backend == "eager":
-        counts = [0] * call.sizes["num_experts"]
+        counts = [0] * num_experts
         for step in call.find("expert"):
             counts[step.info["expert_id"]] = int(step.tensors["token_idx"].shape[0])
+    elif backend == "capacity" and call.find("positions"):
+        layout["capacity"] = int(call["positions"].info["capacity"])
+        counts = _values(call["positions"].tensors.get("tokens_per_expert"))
+    elif backend == "block_aligned" and call.find("align"):
+        layout["block_size"] = int(call["align"].info["block_size"])
+        counts = _values(call["sort"].tensors.get("tokens_per_expert")) if call.find("sort") else None
+    elif backend == "grouped_mm" and call.find("sort") and call.find("unsort"):
+        if "inv_perm" not in call["unsort"].tensors:  # the drop path unsorts into zeros
+            drops = True
+            kept = int(call["sort"].tensors["sorted_expert_ids"].shape[0])
+            offsets = _values(call["offsets"].tensors.get("offsets")) if call.find("offsets") else None
+            # only their sum (the kept pairs) sizes grouped_mm's tensors: without the values, any split of it
+            counts = ([b - a for a, b in zip([0] + offsets[:-1], offsets)] if offsets is not None
+                      else [kept] + [0] * (num_experts - 1))
+    if call.has_router and call.find("route"):
+        drops = "kept" in call["route"].tensors
+    elif drops is None and counts is not None:
+        drops = sum(counts) < pairs
     config = SizesConfig.from_sizes(call.sizes)
+    # the mode whose capacity factor matches what the call did (the call does not record its mode)
+    training = (config.eval_capacity_factor is None) if drops else (config.eval_capacity_factor is not None)
     code_path = call.code_path if backend == "grouped_mm" else None
     act_in_place = None
     if code_path is not None and call.find("up_proj"):  # the fast path copies gate_up when it activates in place
         act_in_place = "gate_up" in call["up_proj"].copied
     try:
         return analytic(config, call.num_tokens, backend, call.dtype, tokens_per_expert=counts,
-                        router=call.has_router, inspected=True, code_path=code_path, act_in_place=act_in_place)
+                        router=call.has_router, inspected=True, code_path=code_path, act_in_place=act_in_place,
+                        training=training, drops=bool(drops), **layout)
     except ValueError:
         return None
 

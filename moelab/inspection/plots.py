@@ -145,7 +145,7 @@ def plot_permutation(source, call: int = 0, *, ax=None, max_lines: int = 256):
 def backend_view(c, ax) -> None:
     """Draw on `ax` the picture of call `c`'s own backend: grouped_mm's permutation, batched_mm's duplicated
     weights, eager's expert mask (a note for any other backend)."""
-    if c.find("sort"):
+    if c.find("sort") and c.find("offsets"):  # grouped_mm (block_aligned sorts too, into its own layout)
         plot_permutation(c, ax=ax)
     elif c.find("gather_weights"):
         step = _step(c, "gather_weights", "")

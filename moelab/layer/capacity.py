@@ -17,14 +17,9 @@ Both sort once (O(S log S)), with no [S, E] one-hot, so the drop mask costs litt
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-
-def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """C = ceil(capacity_factor * T * k / E): the pairs each expert keeps at most."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+from ..backends.capacity import expert_capacity  # the formula lives with the layout that sizes its buffer by it
 
 
 def rank_within_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

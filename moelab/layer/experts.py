@@ -28,7 +28,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, dtype=dtype, device=device))
         self.down_proj = nn.Parameter(torch.empty(E, H, I, dtype=dtype, device=device))
         self.act_fn = get_activation(config.hidden_act)
+        # the layer's capacity factors: the router drops by them, the `capacity` backend sizes its buffer by them
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
         self.experts_implementation = ExpertsInterface.validate(experts_implementation)
+
+    def capacity_factor_for(self, training: bool) -> float | None:
+        """The capacity factor of a forward in training or eval mode (None: dropless), as the router's config."""
+        return self.capacity_factor if training else self.eval_capacity_factor
 
     def set_experts_implementation(self, name: str) -> None:
         self.experts_implementation = ExpertsInterface.validate(name)  # raises before anything changes

@@ -12,6 +12,7 @@ own, libraries' workspaces) and pages never touched are not resident. On CUDA it
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -95,6 +96,12 @@ def measure(fn: Callable[[], Any], device: str | torch.device = "cpu") -> Memory
 
     # NOTE: kineto prints `USDT: ... profiler_start/stop` lines straight to fd 2; in a notebook they would land in
     # some cell's output, so the profiler's start and stop run with fd 2 silenced (fn itself is not).
+    # NOTE: a free during the call of a block allocated before it (a tensor of an earlier, profiled call that the
+    # cyclic garbage collector reaches now) is a negative event that lowers the running total: collect first
+    # and keep the collector off for the call, so only fn's own frees are counted
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     with quiet_stderr():
         prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         prof.__enter__()
@@ -103,6 +110,8 @@ def measure(fn: Callable[[], Any], device: str | torch.device = "cpu") -> Memory
     finally:
         with quiet_stderr():
             prof.__exit__(None, None, None)
+        if gc_was_enabled:
+            gc.enable()
     # NOTE: `prof.events()` attributes allocations to the op that made them and keeps only unattributed frees
     # as "[memory]" events; the raw kineto events keep every allocation and free, in order.
     try:
@@ -125,10 +134,12 @@ def measure(fn: Callable[[], Any], device: str | torch.device = "cpu") -> Memory
 def compare(config, num_tokens: int, dtype=torch.float32, backends: Sequence[str] = BACKENDS, seed: int = 0):
     """Analytic vs measured peak of one `SparseMoE` call per backend, as a pandas table (CPU, no_grad).
 
-    Each layer runs once first (a warm-up that also makes grouped_mm's workspace), then is measured; eager's
-    analytic figure uses the call's real tokens per expert. Columns: backend, num_tokens, path,
-    analytic_peak_bytes (workspace included), workspace_bytes, analytic_extra_peak_bytes (without it),
-    measured_peak_bytes, measured_over_analytic (measured / analytic_extra_peak_bytes).
+    Each layer runs once first (a warm-up that also makes grouped_mm's workspace), then is measured; the analytic
+    figures use the call's real (kept) tokens per expert, which eager's loop, capacity's dropless C and, with a
+    capacity factor, grouped_mm's kept rows follow, and the layer's mode (`training`, which picks the factor).
+    Columns: backend, num_tokens, path, analytic_peak_bytes (workspace included), workspace_bytes,
+    analytic_extra_peak_bytes (without it), measured_peak_bytes, measured_over_analytic (measured /
+    analytic_extra_peak_bytes).
     """
     dtype = parse_dtype(dtype)
     generator = torch.Generator().manual_seed(seed)
@@ -137,12 +148,12 @@ def compare(config, num_tokens: int, dtype=torch.float32, backends: Sequence[str
     for backend in backends:
         moe = SparseMoE(config, backend, dtype=dtype, seed=seed)
         with torch.no_grad():
-            _, routing = moe(x, return_router_output=True)  # warm-up, and the routing eager's model needs
-            counts = torch.bincount(routing.top_k_index.reshape(-1), minlength=config.num_experts)
-            del routing
+            _, routing = moe(x, return_router_output=True)  # warm-up, and the routing the models need
+            kept = routing.top_k_index[~routing.dropped] if moe.router.has_capacity() else routing.top_k_index
+            counts = torch.bincount(kept.reshape(-1), minlength=config.num_experts)
+            del routing, kept
             measured = measure(lambda: moe(x)).peak_bytes
-        estimate = analytic(config, num_tokens, backend, dtype,
-                            tokens_per_expert=counts if backend == "eager" else None)
+        estimate = analytic(config, num_tokens, backend, dtype, tokens_per_expert=counts, training=moe.training)
         rows.append({"backend": backend, "num_tokens": num_tokens, "path": estimate.path,
                      "analytic_peak_bytes": estimate.peak_bytes, "workspace_bytes": estimate.workspace_bytes,
                      "analytic_extra_peak_bytes": estimate.extra_peak_bytes, "measured_peak_bytes": measured,

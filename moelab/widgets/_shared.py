@@ -1,4 +1,4 @@
-"""What both widgets share: the built-in backends they offer, and how they write to their Output widgets.
+"""What the widgets share: the backends they select by default, and how they write to their Output widgets.
 
 Outputs are written with `Output.outputs = ()` + `append_display_data(...)` rather than `with out:`, because
 the latter only captures output inside a running kernel; this way the widget shows the same thing in
@@ -13,9 +13,11 @@ import ipywidgets as W
 from IPython.display import Image
 from matplotlib.figure import Figure
 
-from ..bench import FIXED_BACKENDS
+from ..backends.calibration import AUTO_CANDIDATES
 
-BACKENDS = FIXED_BACKENDS  # what the widgets offer by default: the built-in backends that each run one algorithm
+# what the widgets select by default: the three `auto` chooses among, whose crossovers the explorer shows; every
+# other registered backend (capacity, block_aligned, yours) is offered beside them, to select
+BACKENDS = AUTO_CANDIDATES
 
 
 def figure_png(fig: Figure) -> Image:

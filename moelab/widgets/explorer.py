@@ -23,10 +23,13 @@ from . import sweeps
 from ._shared import BACKENDS, figure_png, show_in
 from .sweeps import DEFAULT_BUDGET_BYTES
 
-COLORS = {"eager": "tab:blue", "batched_mm": "tab:red", "grouped_mm": "tab:green"}
+COLORS = {"eager": "tab:blue", "batched_mm": "tab:red", "grouped_mm": "tab:green", "capacity": "tab:purple",
+          "block_aligned": "tab:orange"}
 
 # Slider bounds: with H=64, I=128 the largest allowed call is T = 16 * 256 = 4096 tokens, k = 8, E = 64, where
-# eager and grouped_mm need tens of MiB and batched_mm about 3 GiB in float32: the guard refuses that one.
+# eager and grouped_mm need tens of MiB and batched_mm about 3 GiB in float32: the guard refuses that one, and
+# dropless capacity too, sized for the worst routing (C = T: an E x T buffer). Any backend can exceed a smaller
+# budget: block_aligned's padding (E * (M - 1) rows) dominates at few tokens, eager's [E, k, T] mask at many.
 BOUNDS = {"top_k": (1, 8), "num_experts": (2, 64), "batch_size": (1, 16), "seq_len": (1, 256)}
 
 
@@ -36,9 +39,12 @@ class BackendExplorer:
     Run sweeps the sequence length over powers of two up to the slider's value (so crossovers show; 3 points with
     compile) with `moelab.bench.sweep` (`sweeps.bench_sweep`), which times every selected backend at each point
     and measures its peak memory; the widget draws both against the token count
-    and marks the crossovers. Before that, `guard` checks the largest call of every selected backend: over
-    `budget_bytes` for any of them, the configuration is refused with the reason and nothing runs. The sliders
-    are bounded (`BOUNDS`) so that, of the built-in backends, only batched_mm can exceed the default budget.
+    and marks the crossovers. Before that, `guard` checks the largest call of every selected backend (each one
+    registered can be selected; eager, batched_mm and grouped_mm are by default): over `budget_bytes` for any of
+    them, the configuration is refused with the reason and nothing runs. The guard is the bench's
+    (`moelab.bench.guard`): analytic, and for a backend whose memory depends on the routing (eager, dropless
+    capacity) sized for the worst routing, since nothing has been routed yet. The sliders are bounded (`BOUNDS`);
+    at their largest call batched_mm and capacity exceed the default budget.
 
     State for Python: `settings()`, `last_results` (tidy DataFrame: one row per backend and sequence length,
     carrying the slider settings), `last_guard` (the guard's table), `figure`, `message`, `refused`, `runs`.
@@ -67,7 +73,7 @@ class BackendExplorer:
                                   tooltip="compiles once per backend and shape: slow (seconds each)")
         options = list(dict.fromkeys([*BACKENDS, *backends, *ExpertsInterface.names()]))
         self.backends = W.SelectMultiple(options=options, value=tuple(backends),
-                                         description="backends", style=style, rows=min(len(options), 5))
+                                         description="backends", style=style, rows=min(len(options), 6))
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.status = W.HTML()
         self.table_out = W.Output(layout=W.Layout(border="1px solid #ddd"))
