@@ -131,7 +131,7 @@ PUBLIC = {
     ],
     "moelab.layer": ["Experts", "GlobalLoad", "RouterOutput", "SharedExpert", "SparseMoE", "TopKRouter",
                      "drop_by_position", "drop_by_probs", "drop_pairs", "expert_capacity", "load_balancing_loss",
-                     "router_z_loss"],
+                     "router_z_loss", "skewed_routing"],
     "moelab.data": ["Batch", "ByteTokenizer", "MAX_TOKENS", "PlantedTopics", "TextCorpus", "TokenDataset",
                     "planted_topics", "text_corpus"],
     "moelab.training": [
@@ -145,11 +145,13 @@ PUBLIC = {
     "moelab.memory": [
         "BACKENDS", "Intermediate", "MODELLED_BACKENDS", "MemoryEstimate", "MemoryMeasurement", "StepMemory",
         "analytic", "compare", "format_bytes", "measure", "peak_bytes", "plot_duplication", "plot_memory",
+        "waste_table", "format_waste",
     ],
     "moelab.bench": [
         "COLUMNS", "DEFAULT_BACKENDS", "DEFAULT_GRID", "available_memory", "calibrate", "compare_backends",
         "crossover_points", "crossovers_from_sweep", "environment", "load", "plot_memory", "plot_speedup_map",
-        "plot_time", "resolve_budget", "save", "summary", "sweep", "useful_flops",
+        "plot_time", "resolve_budget", "save", "summary", "sweep", "useful_flops", "layout_sweep",
+        "plot_layout_sweep", "fastest_layouts",
     ],
     "moelab.hf": [
         "FAMILIES", "HFMoELayer", "INSTALL_HINT", "compare_with_transformers", "copy_weights", "family_of",

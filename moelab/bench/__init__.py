@@ -10,7 +10,8 @@ calibration of the `auto` backend's crossover points.
 One concept a module: `sweep` (the one sweep: grid, guard, timing, rows), `timing` (the one timing helper on
 torch.utils.benchmark: `measure_time`, `measure_interleaved`), `guard` (memory estimates and the budget), `env`
 (the environment record), `baselines` (useful FLOPs, the dense limit, the bare grouped GEMMs), `compare`
-(`compare_backends`, the default job of `python -m moelab`), `calibrate`, `analysis` / `report` /
+(`compare_backends`, the default job of `python -m moelab`), `layouts` (`layout_sweep`: the five layouts over
+T and routing skew, with their waste), `calibrate`, `analysis` / `report` /
 `report_sections` (questions asked of a sweep, BENCHMARKS.md), `plots`, `io`, `hf` (transformers' namesake
 backends) and `cli` (the `bench` / `calibrate` sub-commands).
 
@@ -25,6 +26,7 @@ from .compare import compare_backends
 from .env import environment
 from .guard import available_memory, resolve_budget
 from .io import load, save, summary
+from .layouts import fastest_layouts, layout_sweep, plot_layout_sweep
 from .plots import crossover_points, plot_memory, plot_speedup_map, plot_time
 from .sweep import COLUMNS, DEFAULT_BACKENDS, DEFAULT_GRID, sweep
 from .timing import measure_interleaved, measure_time
@@ -33,5 +35,5 @@ __all__ = [
     "sweep", "calibrate", "crossovers_from_sweep", "environment", "available_memory", "resolve_budget", "save",
     "load", "summary", "plot_time", "plot_memory", "plot_speedup_map", "crossover_points", "COLUMNS",
     "DEFAULT_BACKENDS", "DEFAULT_GRID", "FIXED_BACKENDS", "useful_flops", "compare_backends", "measure_time",
-    "measure_interleaved",
+    "measure_interleaved", "layout_sweep", "plot_layout_sweep", "fastest_layouts",
 ]

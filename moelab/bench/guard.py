@@ -14,38 +14,18 @@ E * T rows, E / k times the pairs. `block_aligned` needs no such bound: its buff
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 
 import torch
 
 from .. import memory
+from ..core.machine import available_memory  # noqa: F401  (bytes free now; moelab.bench exports it)
 from ..backends.auto import choose
 
 DEFAULT_FRACTION = 0.5  # of the memory available when the sweep starts
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6, "mib": 2 ** 20,
           "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 10 ** 12, "tib": 2 ** 40}
-
-
-def available_memory(device="cpu") -> int:
-    """Bytes free for new tensors now: MemAvailable on Linux CPUs, free device memory on CUDA."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def parse_bytes(text: str) -> int | float:

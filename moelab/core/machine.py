@@ -1,4 +1,5 @@
-"""The CPU this process runs on, read once: model name, the kernels torch picked, cores. Figures name it."""
+"""The machine this process runs on: the CPU, read once (model name, the kernels torch picked, cores; figures name
+it), and the memory free now (`available_memory`, what memory guards size their budget from)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,23 @@ def cpu_description() -> str:
     bf16 = "native bf16" if native_bf16() else "no native bf16"
     return (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()} kernels, {bf16}, "
             f"{os.cpu_count()} cores")
+
+
+def available_memory(device="cpu") -> int:
+    """Bytes free for new tensors now: MemAvailable on Linux CPUs, free device memory on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

@@ -4,6 +4,7 @@
 `Step`s its backend emitted through `moelab.record_step`. One idea a module: `trace` (Trace, inspect), `records`
 (Call, Step), `recorder` (the hooks and step callback a Trace owns), `render` (text and HTML), `accounting` (bytes
 per step beside the analytic model), `plots` (routing, tokens per expert, the permutation, `plot_trace`),
+`layouts` (the rows each layout computes, `layout_rows`, and their strips, `plot_layouts`),
 `adapters` (how a package such as `moelab.hf` lets inspection trace another library's models).
 
 Imports `moelab.core`, `moelab.layer` and `moelab.memory`; never models, bench, hf or widgets (those register

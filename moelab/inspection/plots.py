@@ -1,5 +1,6 @@
 """Pictures of a trace: routing, tokens per expert, grouped_mm's permutation, and all of it in one `plot_trace`
-(memory per step is `moelab.memory.plot_memory`, which takes a trace too).
+(memory per step is `moelab.memory.plot_memory`, which takes a trace too); the rows each layout computes
+(`layout_rows`, `plot_layout`, `plot_layouts`) live in `layouts` and are exported here too.
 
 Every function draws with matplotlib (headless-safe: nothing here picks a backend or calls `show`), labels its
 axes with units, and returns its Figure, which a notebook shows as the cell's value (`fig.savefig(...)` elsewhere). Functions take a `Trace` or a `Call`; `call=` picks the MoE call of a trace (default: the first).
@@ -13,23 +14,14 @@ from matplotlib.collections import LineCollection
 
 from ..core.stage import stage_label
 from ..memory.plots import MIB, new_axes, new_figure, plot_memory
+from .layouts import LayoutRows, layout_rows, plot_layout, plot_layouts, source_call
 from .records import Call
 
-__all__ = ["plot_routing", "plot_tokens_per_expert", "plot_permutation", "backend_view", "plot_trace"]
+__all__ = ["plot_routing", "plot_tokens_per_expert", "plot_permutation", "backend_view", "plot_trace",
+           "LayoutRows", "layout_rows", "plot_layout", "plot_layouts"]
 
 
-def _call(source, call: int):
-    if isinstance(source, Call):
-        return source
-    if hasattr(source, "calls"):  # a Trace
-        if not source.calls:
-            raise ValueError("the trace recorded no MoE call: run the module inside the `with moelab.inspect(...)` "
-                             "block")
-        try:
-            return source.calls[call]
-        except IndexError:
-            raise ValueError(f"call={call} but the trace has {len(source.calls)} calls") from None
-    raise TypeError(f"expected a moelab Trace or Call, got {type(source).__name__}")
+_call = source_call  # a Call, or call number `call` of a Trace (`layouts.source_call`)
 
 
 def _step(call, name: str, why: str):
@@ -144,8 +136,10 @@ def plot_permutation(source, call: int = 0, *, ax=None, max_lines: int = 256):
 
 def backend_view(c, ax) -> None:
     """Draw on `ax` the picture of call `c`'s own backend: grouped_mm's permutation, batched_mm's duplicated
-    weights, eager's expert mask (a note for any other backend)."""
-    if c.find("sort") and c.find("offsets"):  # grouped_mm (block_aligned sorts too, into its own layout)
+    weights, eager's expert mask, capacity's and block_aligned's rows (`plot_layout`); a note for any other."""
+    if c.find("positions") or c.find("align"):  # capacity, block_aligned: their padding is the point
+        plot_layout(c, ax=ax)
+    elif c.find("sort") and c.find("offsets"):  # grouped_mm (block_aligned sorts too, into its own layout)
         plot_permutation(c, ax=ax)
     elif c.find("gather_weights"):
         step = _step(c, "gather_weights", "")
@@ -169,7 +163,8 @@ def backend_view(c, ax) -> None:
 
 def plot_trace(trace, call: int = 0):
     """Four panels for one call: routing heatmap, tokens per expert, the backend's own view (grouped_mm: the
-    permutation; batched_mm: the duplicated weights; eager: the expert mask), memory per step."""
+    permutation; batched_mm: the duplicated weights; eager: the expert mask; capacity, block_aligned: the rows
+    computed), memory per step."""
     c = _call(trace, call)
     fig = new_figure(figsize=(13, 9))
     axes = fig.subplots(2, 2)

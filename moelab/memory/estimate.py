@@ -95,7 +95,7 @@ def analytic(config, num_tokens: int, backend: str, dtype=torch.float32, *,
         raise ValueError(f"block_size must be an int >= 1 (rows per block, M), got {block_size!r}")
     if capacity is not None and (not _is_count(capacity) or capacity < 0):
         raise ValueError(f"capacity must be None or an int >= 0 (rows per expert, C), got {capacity!r}")
-    factor = _capacity_factor(config, training)
+    factor = capacity_factor_of(config, training)
     if drops is None:
         drops = factor is not None
     elif router and bool(drops) != (factor is not None):
@@ -183,7 +183,7 @@ def analytic(config, num_tokens: int, backend: str, dtype=torch.float32, *,
         workspace_bytes=tl.workspace, extra_peak_bytes=int(tl.extra_peak), requested_backend=requested)
 
 
-def _capacity_factor(config, training: bool) -> float | None:
+def capacity_factor_of(config, training: bool) -> float | None:
     """The capacity factor of a call in this mode (None: dropless), as `MoEConfig.capacity_factor_for` says."""
     factor_for = getattr(config, "capacity_factor_for", None)
     if callable(factor_for):
