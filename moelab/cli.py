@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 
 import torch
@@ -44,10 +46,52 @@ def _run_compare(args) -> int:
     print(f"SparseMoE T={args.tokens} H={args.hidden} I={args.intermediate} E={args.experts} k={args.top_k} "
           f"{args.dtype}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if table.attrs.get("bf16_note"):  # the times above are this CPU's emulation of bfloat16
+        print(f"note: {table.attrs['bf16_note']}")
     return 0
 
 
 SUBCOMMANDS = [_add_compare, add_bench, add_calibrate]  # each adds its sub-command to the parser
+
+
+def _device_problem(text: str) -> str | None:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError) as err:
+        return f"--device {text!r} is not a torch device ({err})"
+    if device.type == "meta":
+        return "--device meta holds no data to time; use cpu, or cuda on a machine with a GPU"
+    try:  # NOTE: the one check that holds for every device type: can it hold a tensor here?
+        torch.empty(0, device=device)
+    except Exception as err:  # AssertionError (torch without CUDA), RuntimeError (no such device), ...
+        return f"--device {text} is not available on this machine ({type(err).__name__}: {err})"
+    return None
+
+
+def _memory_budget_problem(text: str) -> str | None:
+    # NOTE: the guard reads '0.5' as a fraction and '2.0' as 2 bytes (it reads a unitless number > 1 as bytes),
+    # which skips every measurement; a point without a unit means a fraction, so ask which was meant
+    match = re.fullmatch(r"\s*([0-9]*\.[0-9]+)\s*", text)
+    if match and float(match.group(1)) > 1:
+        return (f"--memory-budget {text} is ambiguous: a number with a point and no unit is a fraction of the "
+                f"available memory, in (0, 1]; for bytes give a unit ('{match.group(1).removesuffix('.0')}GiB', "
+                f"'{match.group(1).removesuffix('.0')}GB') or an integer")
+    return None
+
+
+def check_bench_flags(args) -> str | None:
+    """What is wrong with the flags `bench` and `calibrate` share (`--device`, `--min-run-time`,
+    `--memory-budget`), said before the job starts; None when they are fine."""
+    if getattr(args, "min_run_time", None) is not None and (not math.isfinite(args.min_run_time)
+                                                            or args.min_run_time <= 0):
+        return f"--min-run-time must be a finite number of seconds > 0, got {args.min_run_time}"
+    if getattr(args, "memory_budget", None) is not None:
+        problem = _memory_budget_problem(args.memory_budget)
+        if problem:
+            return problem
+    if getattr(args, "device", None) is not None:
+        return _device_problem(args.device)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,4 +107,8 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["compare", *argv]  # the default job
     args = build_parser().parse_args(argv)
+    problem = check_bench_flags(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     return args.func(args)

@@ -221,3 +221,29 @@ def test_crossover_bounds_must_be_finite(bound):
 
     with pytest.raises(ValueError, match=r"upper bounds .* must be increasing finite numbers >= 0"):
         CrossoverTable(rules={"cpu/*/eager": [[bound, "eager"], [None, "grouped_mm"]]})
+
+
+def test_a_backend_returning_a_meta_tensor_is_named(scratch_backend):
+    # a meta tensor has the right shape and dtype, but no values: it must not pass for an output
+    moelab.ExpertsInterface.register(scratch_backend, lambda experts, h, i, w: torch.empty_like(h, device="meta"))
+    with pytest.raises(RuntimeError, match=r"experts backend 'scratch' returned a tensor on meta, expected one on cpu"):
+        make_moe(backend=scratch_backend)(torch.randn(5, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_jit_trace_is_refused_with_the_reason(backend):
+    # eager traced at T=1 replays that call's experts at T=32: a wrong answer, no error
+    moe = make_moe(backend=backend)
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record an MoE layer: .*top_k_index.*"
+                                           r"torch.compile or torch.export"):
+        torch.jit.trace(moe, torch.randn(1, 16), check_trace=False)
+
+
+def test_weights_cast_to_a_dtype_the_layer_cannot_run_are_named_before_the_forward():
+    moe = make_moe().to(torch.float8_e4m3fn)  # SparseMoE(dtype=float8) is refused; .to() is the other way there
+    x = torch.randn(3, 16).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"the layer's weights are torch.float8_e4m3fn, a dtype moelab cannot run; "
+                                         r"use one of \['float32', 'bfloat16', 'float16', 'float64'\]"):
+        moe(x)
+    with pytest.raises(ValueError, match=r"the experts' weights are torch.float8_e4m3fn"):
+        moe.experts(x, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2).to(torch.float8_e4m3fn))

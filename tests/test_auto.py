@@ -1,8 +1,10 @@
 """The `auto` backend: registered like the others, picks by a crossover table, shows its choice in a trace."""
 
+import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from moelab.backends.cpu import compiled as cpu_compiled
 from moelab.backends.cpu import workspace
 from moelab.core.steps import add_recorder, remove_recorder
 
-FIRST_STEP = {"eager": "expert_mask", "batched_mm": "repeat", "grouped_mm": "sort"}
+FIRST_STEP = {"eager": "expert_mask", "batched_mm": "repeat", "grouped_mm": "sort", "capacity": "positions"}
 
 
 def traced_steps(moe, x):
@@ -70,7 +72,9 @@ def test_dtype_specific_rules_win_over_wildcards():
     ({"cpu/*/eager": [[4, "eager"]]}, "last segment"),
     ({"cpu/*/eager": [[8, "eager"], [4, "batched_mm"], [None, "grouped_mm"]]}, "increasing"),
     ({"cpu/*/eager": [[None, "mine"]]}, "chooses among"),
-    ({"cpu/*/compiled": [[None, "eager"]]}, "cannot be captured"),
+    ({"cpu/*/compiled": [[None, "eager"]]}, "eager cannot be captured"),
+    ({"cpu/*/compiled": [[2, "batched_mm"], [None, "capacity"]]}, "capacity cannot be captured"),
+    ({"cpu/*/eager": [[None, "block_aligned"]]}, "chooses among"),
     ({"cpu/eager": [[None, "eager"]]}, "device/dtype/mode"),
 ])
 def test_bad_tables_are_refused(rules, message):
@@ -230,3 +234,62 @@ def test_the_choice_cache_follows_the_table():
         with use_crossovers(CrossoverTable({"*/*/*": [[None, backend]]})):
             _, steps = traced_steps(moe, x)
         assert dict(steps)["auto"]["chosen"] == backend
+
+
+def test_capacity_is_a_candidate_where_nothing_drops():
+    assert moelab.backends.AUTO_CANDIDATES == ("eager", "batched_mm", "grouped_mm", "capacity")
+    table = CrossoverTable({"cpu/*/eager": [[None, "capacity"]], "*/*/compiled": [[None, "grouped_mm"]]})
+    moe = make_moe(16, 32, 6, 2, backend="auto")
+    x = torch.randn(9, 16)
+    with use_crossovers(table):
+        out, steps = traced_steps(moe, x)
+    names = [name for name, _ in steps]
+    assert steps[names.index("auto")][1]["chosen"] == "capacity" and names[names.index("auto") + 1] == "positions"
+    moe.set_experts_implementation("eager")
+    torch.testing.assert_close(out, moe(x), atol=2e-5, rtol=1e-4)
+
+
+def test_with_drops_auto_never_takes_capacity():
+    # the layer drops in training (capacity factor 1.0): the experts get a dropped mask, so capacity's rule yields
+    table = CrossoverTable({"cpu/*/eager": [[None, "capacity"]], "*/*/compiled": [[None, "grouped_mm"]]})
+    moe = make_moe(16, 32, 4, 2, backend="auto", capacity_factor=1.0).train()
+    x = torch.randn(12, 16)
+    with use_crossovers(table):
+        out, steps = traced_steps(moe, x)
+        assert table.choose(24, torch.float32, "cpu", num_experts=4, drops=True)[0] == "grouped_mm"
+        assert auto.choose(24, torch.float32, "cpu", compiled=False, num_experts=4, drops=False)[0] == "capacity"
+    step = dict(steps)["auto"]
+    assert step["chosen"] == "grouped_mm" and "capacity only where nothing drops" in step["reason"]
+    moe.set_experts_implementation("eager")
+    torch.testing.assert_close(out, moe(x), atol=2e-5, rtol=1e-4)  # the same drops, the same answer
+    # the memory models follow the same rule: auto with drops is modelled as grouped_mm, dropless as capacity
+    with use_crossovers(table):
+        dropping = moelab.memory.analytic(moe.config, 12, "auto", training=True)
+        dropless = moelab.memory.analytic(moe.config, 12, "auto", training=False)
+    assert (dropping.backend, dropless.backend) == ("grouped_mm", "capacity")
+    assert dropping.requested_backend == dropless.requested_backend == "auto"
+
+
+def test_a_wildcard_mode_rule_never_compiles_capacity():
+    table = CrossoverTable({"cpu/*/*": [[None, "capacity"]]})
+    backend, reason = table.choose(16, torch.float32, "cpu", compiled=True, num_experts=8)
+    assert backend == "grouped_mm" and "cannot be compiled whole" in reason
+    assert table.choose(16, torch.float32, "cpu", compiled=False, num_experts=8)[0] == "capacity"
+
+
+def test_a_calibration_stored_before_capacity_was_a_candidate_keeps_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
+    old = {"rules": {"cpu/float32/eager": [[0.5, "eager"], [None, "grouped_mm"]],
+                     "cpu/*/compiled": [[2.8, "batched_mm"], [None, "grouped_mm"]]},
+           "unit": "pairs_per_expert", "source": "calibrated", "meta": {"grid": {"num_experts": [8]}}}
+    calibration.calibration_path().write_text(json.dumps(old))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "ignoring the stored calibration"
+            table = calibration.reload_crossovers()
+        assert table.source == "calibrated" and table.rules == old["rules"]
+        assert auto.choose(2, torch.float32, "cpu", compiled=False, num_experts=8)[0] == "eager"
+        assert auto.choose(64, torch.float32, "cpu", compiled=False, num_experts=8)[0] == "grouped_mm"
+    finally:
+        monkeypatch.delenv("MOELAB_CACHE_DIR")
+        calibration.set_crossovers(None)

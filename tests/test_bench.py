@@ -52,7 +52,7 @@ def test_values_are_consistent(table):
     assert ((ok.q1_ms <= ok.median_ms) & (ok.median_ms <= ok.q3_ms)).all()
     assert (ok.peak_extra_bytes > 0).all() and (ok.estimate_bytes > 0).all()
     assert (ok.max_abs_diff_to_eager <= np.where(ok.dtype == "float32", 1e-5, 3e-2)).all()
-    assert set(ok[ok.backend == "auto"].chosen) <= {"eager", "batched_mm", "grouped_mm"}
+    assert set(ok[ok.backend == "auto"].chosen) <= set(moelab.backends.AUTO_CANDIDATES)
     env = table.attrs["environment"]
     for key in ("torch_version", "device", "num_threads", "cpu_capability", "clock", "budget_bytes"):
         assert key in env
@@ -204,6 +204,23 @@ def test_crossovers_from_a_sweep_follow_the_fastest_backend():
     assert "cpu/*/compiled" in table.rules  # defaults kept for what was not measured
 
 
+def test_crossovers_from_a_sweep_take_capacity_where_it_wins_but_never_compiled():
+    rows = []
+    times = {2: {"eager": 1.0, "batched_mm": 0.9, "grouped_mm": 0.8, "capacity": 0.5},
+             512: {"eager": 3.0, "batched_mm": 50.0, "grouped_mm": 2.0, "capacity": 2.5}}
+    for compiled in (False, True):
+        for S, by_backend in times.items():
+            for backend, t in by_backend.items():
+                rows.append(dict(status="ok", library="moelab", backend=backend, compiled=compiled,
+                                 dtype="bfloat16", device="cpu", num_experts=8, top_k=2, hidden_size=16,
+                                 intermediate_size=32, num_tokens=S // 2, pairs=S, median_ms=t))
+    table = bench.crossovers_from_sweep(pd.DataFrame(rows), unit="pairs")
+    assert table.rules["cpu/bfloat16/eager"] == [[32, "capacity"], [None, "grouped_mm"]]
+    # compiled, capacity (0.5) is left out; grouped_mm's compiled time counts as the uncompiled lean path's
+    assert table.rules["cpu/bfloat16/compiled"] == [[None, "grouped_mm"]]
+    assert "capacity" in table.meta["scores"]["cpu/bfloat16/eager"]["2"]
+
+
 def _has_transformers():
     try:
         import transformers  # noqa: F401
@@ -328,7 +345,7 @@ def test_analysis_helpers(table):
     from moelab.bench import analysis
 
     r = analysis.auto_vs_best(table)
-    assert len(r) == 2 * 2 and set(r.chosen) <= {"eager", "batched_mm", "grouped_mm"}
+    assert len(r) == 2 * 2 and set(r.chosen) <= set(moelab.backends.AUTO_CANDIDATES)
     np.testing.assert_allclose(r.ratio, r.auto_ms / r.best_ms)
     f = analysis.fastest(table)
     assert len(f) == 4 and all(row.fastest in row.tied_with_fastest for row in f.itertuples())

@@ -1,5 +1,6 @@
 """The headless main job: `python -m moelab` prints each backend's difference to eager and its time."""
 
+import re
 import subprocess
 import sys
 
@@ -74,3 +75,33 @@ def test_compare_backends_takes_any_registered_backend_and_names_bad_arguments()
         compare_backends(cfg, num_threads=0)
     with pytest.raises(ValueError, match="unknown experts_implementation 'fast'"):
         compare_backends(cfg, backends=["fast"])
+
+
+GRID = ["--tokens", "4", "--experts", "4", "--top-k", "2", "--hidden", "8", "--intermediate", "8",
+        "--dtype", "float32", "--quiet"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--memory-budget", "2.0"], r"--memory-budget 2.0 is ambiguous: a number with a point and no unit is a "
+                                 r"fraction of the available memory, in \(0, 1\]; for bytes give a unit \('2GiB'"),
+    (["--min-run-time", "nan"], r"--min-run-time must be a finite number of seconds > 0, got nan"),
+    (["--min-run-time", "inf"], r"--min-run-time must be a finite number of seconds > 0, got inf"),
+    (["--device", "cud"], r"--device 'cud' is not a torch device"),
+    (["--device", "meta"], r"--device meta holds no data to time"),
+    pytest.param(["--device", "cuda"], r"--device cuda is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
+])
+@pytest.mark.parametrize("command", ["bench", "calibrate"])
+def test_bench_flags_a_user_mistypes_are_named_before_anything_runs(command, flags, message, capsys, monkeypatch):
+    from moelab import cli
+    import moelab.bench.cli as bench_cli
+
+    ran = []  # the jobs, replaced: a flag that passes the check reaches them, a bad one must not
+    monkeypatch.setattr(bench_cli, "run_bench", lambda args: ran.append(args) or 0)
+    monkeypatch.setattr(bench_cli, "run_calibrate", lambda args: ran.append(args) or 0)
+    assert cli.main([command, *GRID, *flags]) == 2
+    assert re.search(message, capsys.readouterr().err) and not ran
+    for good in (["--memory-budget", "0.5"], ["--memory-budget", "2GiB"], ["--memory-budget", "2e9"],
+                 ["--min-run-time", "0.05"], ["--device", "cpu"]):
+        assert cli.main([command, *GRID, *good]) == 0
+    assert len(ran) == 5

@@ -571,3 +571,18 @@ def test_record_step_copies_only_while_recording(config, x):
     with pytest.raises(ValueError, match="copy names"):
         with moelab.inspect(moe):
             moelab.record_step("bad", "A copy of a key the step does not have.", copy=("missing",))
+
+
+def test_calls_from_other_threads_are_not_recorded_and_the_trace_says_so(config, x):
+    import threading
+
+    moe = moelab.SparseMoE(config, "eager", seed=0)
+    with moelab.inspect(moe) as trace, torch.no_grad():
+        worker = threading.Thread(target=lambda: moe(torch.randn(5, H)))  # e.g. a data-loader thread
+        worker.start()
+        worker.join()
+        moe(x)
+    assert [call.num_tokens for call in trace.calls] == [T]  # only the inspecting thread's call
+    assert {step.call for step in trace.steps} == {0} and trace.unattributed == 0
+    assert trace.other_thread_calls == 1
+    assert "1 MoE call(s) from other threads not recorded" in repr(trace)

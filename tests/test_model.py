@@ -198,7 +198,7 @@ def test_zero_new_tokens_returns_the_prompt(model, prompt):
 @pytest.mark.parametrize("kwargs, match", [
     ({"max_new_tokens": -1}, "max_new_tokens must be an int >= 0"),
     ({"max_new_tokens": 2.0}, "max_new_tokens must be an int"),
-    ({"temperature": 0.0}, "temperature must be a float > 0"),
+    ({"temperature": 0.0}, "temperature must be a finite float > 0"),
     ({"top_k": 0}, "top_k must be None or an int >= 1"),
     ({"top_p": 1.5}, r"top_p must be None or a float in \(0, 1\]"),
     ({"eos_token_id": 999}, "eos_token_id must be None or an int in"),
@@ -386,7 +386,7 @@ def test_load_errors_are_clear(model, tmp_path):
                                          r"the config expects \[256, 48\]"):
         moelab.MoEForCausalLM.from_pretrained(tmp_path)
     config_path.write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.2"):
+    with pytest.raises(ValueError, match=r"sets num_hidden_layers = 3, but .* holds 2 layers \(model.layers.0-1\)"):
         moelab.MoEForCausalLM.from_pretrained(tmp_path)
     config_path.write_text(json.dumps({**config, "num_attention_heads": 5}))
     with pytest.raises(ValueError, match="config.json holds an invalid MoEModelConfig: hidden_size"):
@@ -482,3 +482,96 @@ def test_folders_saved_before_save_ids_still_load(tmp_path):
               metadata={"format": "pt"})
     loaded = moelab.MoEForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(loaded(prompt).logits, a(prompt).logits)
+
+
+# ------------------------------------------------------------------------------------------------ config vs header
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("vocab_size", 2_000_000, r"tensor 'lm_head.weight' has shape \[32, 16\], the config expects \[2000000, 16\] "
+                              r"\(config.json's vocab_size = 2000000\)"),
+    ("num_hidden_layers", 2_000, r"config.json sets num_hidden_layers = 2000, but .*model.safetensors holds 1 "
+                                 r"layer \(model.layers.0\)"),
+])
+def test_a_config_edited_past_its_weights_fails_before_anything_is_built(tmp_path, field, value, message):
+    # NOTE: before the header check, each of these built the whole model first: 2,000,000 x 16 embedding and
+    # head (~380 MiB with the init), or 2,000 layers (~120 MiB, seconds)
+    a, _ = _two_models()
+    a.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+
+    def load():
+        with pytest.raises(ValueError, match=message):
+            moelab.MoEForCausalLM.from_pretrained(tmp_path)
+
+    import time
+
+    start = time.perf_counter()
+    load()
+    assert time.perf_counter() - start < 1.0
+    assert moelab.memory.measure(load).peak_bytes < 16 * 2 ** 20
+
+
+def test_tensors_missing_unexpected_or_not_floating_are_named_from_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    a, _ = _two_models()
+    a.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["moelab_save_id"], config["weights_sha256"]  # an old-style folder, so the files can be rewritten
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in a.state_dict().items()}
+    for tensors, message in [
+        ({k: v for k, v in state.items() if k != "lm_head.weight"}, r"missing tensors \['lm_head.weight'\], "
+                                                                     r"unexpected tensors \[\]"),
+        ({**state, "extra": torch.zeros(1)}, r"missing tensors \[\], unexpected tensors \['extra'\]"),
+        ({**state, "lm_head.weight": state["lm_head.weight"].long()}, r"'lm_head.weight' has dtype I64, "
+                                                                      r"expected a floating dtype"),
+        ({**state, "lm_head.weight": state["lm_head.weight"].to(torch.float8_e4m3fn)},
+         r"'lm_head.weight' has dtype F8_E4M3, expected a floating dtype moelab runs in \(float32, bfloat16"),
+    ]:
+        save_file(tensors, str(tmp_path / "model.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            moelab.MoEForCausalLM.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ what a user types
+
+
+def test_input_ids_of_a_dtype_the_embedding_cannot_take_are_named(model):
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor of int64 or int32, got torch.uint8; "
+                                         r"convert it with .long\(\)"):
+        model(torch.tensor([[1, 2, 3]], dtype=torch.uint8))
+    assert torch.equal(model(torch.tensor([[1, 2, 3]], dtype=torch.int32)).logits,
+                       model(torch.tensor([[1, 2, 3]])).logits)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([[1, 2, 256]], r"labels values must be in \[0, vocab_size = 256\) or -100 \(ignored\), got values in \[2, 256\]"),
+    ([[1, -5, 3]], r"labels values must be in \[0, vocab_size = 256\) or -100 \(ignored\), got values in \[-5, 3\]"),
+    ([[1.0, 2.0, 3.0]], r"labels must be an integer tensor of token ids, got torch.float32"),
+    ([[-100, -100, -100]], r"labels leave nothing to predict: every label after the first position is -100"),
+    ([[7, -100, -100]], r"labels leave nothing to predict"),  # the first label is never a target
+])
+def test_labels_that_would_fail_in_cross_entropy_or_give_nan_are_named(model, labels, message):
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=message):
+        model(ids, labels=torch.tensor(labels))
+
+
+def test_one_position_has_nothing_to_predict_and_some_ignored_labels_are_fine(model):
+    with pytest.raises(ValueError, match=r"labels leave nothing to predict"):
+        model(torch.tensor([[1]]), labels=torch.tensor([[1]]))
+    out = model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[-100, 2, -100]]))
+    expected = F.cross_entropy(out.logits[0, :1], torch.tensor([2]))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_temperature_must_be_finite_and_a_tiny_one_samples_the_argmax(model, prompt):
+    for temperature in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"temperature must be a finite float > 0"):
+            model.generate(prompt, 2, do_sample=True, temperature=temperature)
+    greedy = model.generate(prompt, 3).sequences
+    # NOTE: logits / 1e-300 overflow to inf, and softmax of inf - inf is NaN: multinomial then raised
+    assert torch.equal(model.generate(prompt, 3, do_sample=True, temperature=1e-300, seed=0).sequences, greedy)

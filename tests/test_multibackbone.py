@@ -222,3 +222,20 @@ def test_save_load_round_trip_with_a_dict(model, prompt, pixels, tmp_path):
         moelab.MoEForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=VALID_KEYS):
         moelab.MultiBackboneForCausalLM.from_pretrained(tmp_path, experts_implementation={"text": "eager"})
+
+
+def test_a_backbone_config_edited_past_its_weights_is_named(model, tmp_path):
+    import json
+
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    vision = {**config["vision_config"], "num_hidden_layers": 5}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vision_config": vision}))
+    with pytest.raises(ValueError, match=r"sets vision_config.num_hidden_layers = 5, but .* holds 2 layers "
+                                         r"\(vision_model.layers.0-1\)"):
+        moelab.MultiBackboneForCausalLM.from_pretrained(tmp_path)
+    text = {**config["text_config"], "vocab_size": 1000}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "text_config": text}))
+    with pytest.raises(ValueError, match=r"'language_model.embed_tokens.weight' has shape \[256, 64\], the config "
+                                         r"expects \[1000, 64\] \(config.json's text_config.vocab_size = 1000\)"):
+        moelab.MultiBackboneForCausalLM.from_pretrained(tmp_path)

@@ -47,7 +47,7 @@ def test_real_run_rows_carry_the_slider_settings_and_the_figure_matches_the_tabl
     ex.set(num_experts=6, top_k=3, batch_size=2, seq_len=5, dtype="bfloat16")
     results = ex.run()
     assert results is ex.last_results and not ex.refused and ex.runs == 1
-    assert tuple(dict.fromkeys(results["backend"])) == widgets.BACKENDS == moelab.backends.AUTO_CANDIDATES
+    assert tuple(dict.fromkeys(results["backend"])) == widgets.BACKENDS == moelab.backends.REFERENCE_BACKENDS
     for column, value in {"top_k": 3, "num_experts": 6, "batch_size": 2, "dtype": "bfloat16", "compile": False}.items():
         assert (results[column] == value).all(), column
     assert sorted(set(results["seq_len"])) == seq_len_points(5) == [1, 2, 4, 5]

@@ -23,8 +23,9 @@ from .capacity import capacity_experts, expert_capacity
 from .block_aligned import BLOCK_SIZE, block_aligned_experts
 from .grouped_matmul import force_fallback, grouped_linear, matmul_path, PATH_COUNTS
 from .cpu.workspace import release_workspace, use_workspace, workspace_bytes
-from .calibration import (AUTO_CANDIDATES, CrossoverTable, DEFAULT_CROSSOVERS, calibration_path, crossovers,
-                          machine_key, reload_crossovers, set_crossovers, use_crossovers)
+from .calibration import (AUTO_CANDIDATES, REFERENCE_BACKENDS, CrossoverTable, DEFAULT_CROSSOVERS,
+                          calibration_path, crossovers, machine_key, reload_crossovers, set_crossovers,
+                          use_crossovers)
 from .auto import auto_experts, choose
 
 ExpertsInterface.register("eager", eager_experts, overwrite=True, accepts_dropped=True)
@@ -38,7 +39,8 @@ __all__ = [
     "ExpertsInterface", "eager_experts", "batched_mm_experts", "grouped_mm_experts", "capacity_experts",
     "block_aligned_experts", "BLOCK_SIZE", "expert_capacity",
     "force_fallback", "grouped_linear", "matmul_path", "PATH_COUNTS",
-    "auto_experts", "choose", "CrossoverTable", "DEFAULT_CROSSOVERS", "AUTO_CANDIDATES", "crossovers",
+    "auto_experts", "choose", "CrossoverTable", "DEFAULT_CROSSOVERS", "AUTO_CANDIDATES", "REFERENCE_BACKENDS",
+    "crossovers",
     "set_crossovers", "use_crossovers", "reload_crossovers", "calibration_path", "machine_key",
     "release_workspace", "use_workspace", "workspace_bytes",
 ]

@@ -9,6 +9,7 @@ dropped by capacity is computed like any other and weighed by its weight 0.
 import torch
 
 from ..core.steps import record_step
+from .autograd import needs_grad, pair_matmul
 
 
 def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
@@ -30,7 +31,13 @@ def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
 
     # NOTE: each pair is a row vector times its weight transposed ([1, H] @ [H, 2I]), not [2I, H] @ [H, 1]: the
     # same dot products, but the CPU bmm kernels run this orientation 2-5x faster.
-    gate_up = torch.bmm(repeated.unsqueeze(1), gate_up_weights.transpose(1, 2)).squeeze(1)  # [S, 2I]
+    # Under autograd, pair_matmul runs this same bmm but its backward works per expert, never building the S
+    # weight-sized gradients plain autograd would (moelab.backends.autograd.pair_matmul says why).
+    training = needs_grad(hidden_states, experts.gate_up_proj, experts.down_proj)
+    if training:
+        gate_up = pair_matmul(repeated, gate_up_weights, experts.gate_up_proj, expert_ids)  # [S, 2I]
+    else:
+        gate_up = torch.bmm(repeated.unsqueeze(1), gate_up_weights.transpose(1, 2)).squeeze(1)  # [S, 2I]
     record_step("up_proj", "One batched matmul projects every pair up through its own gate and up rows.",
                 gate_up=gate_up)
 
@@ -38,7 +45,10 @@ def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
     activated = experts.act_fn(gate) * up  # [S, I]
     record_step("act", "Gate the up projection: act(gate) * up.", activated=activated)
 
-    outputs = torch.bmm(activated.unsqueeze(1), down_weights.transpose(1, 2)).squeeze(1)  # [S, H]
+    if training:
+        outputs = pair_matmul(activated, down_weights, experts.down_proj, expert_ids)  # [S, H]
+    else:
+        outputs = torch.bmm(activated.unsqueeze(1), down_weights.transpose(1, 2)).squeeze(1)  # [S, H]
     record_step("down_proj", "A second batched matmul projects every pair back down to the hidden size.",
                 outputs=outputs)
 

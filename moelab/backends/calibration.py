@@ -5,8 +5,8 @@ the first segment whose `upper` is None or >= x wins, where x is S itself (`unit
 the pairs per expert (`unit="pairs_per_expert"`). Per expert is the default: whether the weights of E experts
 are read once (grouped_mm) or once per pair (batched_mm), and whether grouped_mm's per-group overhead pays off,
 depend on S relative to E, so one crossover then fits E=8 and E=64 alike. `mode` is "eager" for a plain call and
-"compiled" while `torch.compile` traces (then eager, which cannot be captured with `fullgraph=True`, is never
-chosen).
+"compiled" while `torch.compile` traces (then eager and dropless capacity, which cannot be captured with
+`fullgraph=True`, are never chosen). capacity is chosen only for calls where nothing drops (no `dropped` mask).
 
 Where the table `auto` reads comes from, first hit wins:
 1. `set_crossovers(table)` / `with use_crossovers(table): ...` (e.g. one made by hand, or a test's);
@@ -30,7 +30,13 @@ import torch
 
 from ..core.machine import cpu_model
 
-AUTO_CANDIDATES = ("eager", "batched_mm", "grouped_mm")  # the backends `auto` chooses among
+REFERENCE_BACKENDS = ("eager", "batched_mm", "grouped_mm")  # the three of the reference (transformers) page
+# the backends `auto` chooses among: the three, and capacity, which wins some small bf16 calls where nothing drops
+# (measured: BENCHMARKS.md); block_aligned never won a call on a CPU, so it is not a candidate
+AUTO_CANDIDATES = REFERENCE_BACKENDS + ("capacity",)
+# NOTE: dropless capacity sizes its buffer by the largest group, a data-dependent shape torch.compile cannot
+# capture whole, and with drops its cost follows the capacity factor, not the crossovers measured dropless
+NOT_COMPILED = ("eager", "capacity")  # never chosen while torch.compile traces
 MODES = ("eager", "compiled")
 UNITS = ("pairs", "pairs_per_expert")
 
@@ -78,8 +84,9 @@ class CrossoverTable:
             for _, backend in segments:
                 if backend not in AUTO_CANDIDATES:
                     raise ValueError(f"auto chooses among {list(AUTO_CANDIDATES)}, got {backend!r} in {key!r}")
-            if parts[2] == "compiled" and any(b == "eager" for _, b in segments):
-                raise ValueError(f"{key!r}: eager cannot be captured by torch.compile(fullgraph=True)")
+            uncapturable = [b for _, b in segments if b in NOT_COMPILED]
+            if parts[2] == "compiled" and uncapturable:
+                raise ValueError(f"{key!r}: {uncapturable[0]} cannot be captured by torch.compile(fullgraph=True)")
 
     def lookup(self, device: str, dtype: str, mode: str, num_experts: int | None = None) -> tuple[str, list[list]]:
         """The most specific matching key and its segments (exact beats '*', device before dtype; among keys
@@ -96,8 +103,12 @@ class CrossoverTable:
         raise KeyError(f"no crossover rule for {device}/{dtype}/{mode}")
 
     def choose(self, pairs: int, dtype, device, compiled: bool = False,
-               num_experts: int | None = None) -> tuple[str, str]:
-        """(backend, reason) for S = `pairs` (token, expert) pairs over `num_experts` experts."""
+               num_experts: int | None = None, drops: bool = False) -> tuple[str, str]:
+        """(backend, reason) for S = `pairs` (token, expert) pairs over `num_experts` experts.
+
+        drops: whether the call gets a dropped mask (a capacity factor); capacity is then never chosen (its
+        crossovers were measured dropless), nor eager or capacity while compiled: grouped_mm runs instead.
+        """
         dtype_name = str(dtype).removeprefix("torch.")
         device_type = torch.device(device).type
         mode = "compiled" if compiled else "eager"
@@ -112,9 +123,12 @@ class CrossoverTable:
         for upper, backend in segments:
             if upper is None or x <= upper:
                 high = "inf" if upper is None else f"{upper:g}"
-                if mode == "compiled" and backend == "eager":  # a "*" mode rule: eager cannot be captured whole
-                    backend = "grouped_mm"
-                return backend, f"{what} in ({low:g}, {high}] of {key} ({self.source} crossovers)"
+                reason = f"{what} in ({low:g}, {high}] of {key} ({self.source} crossovers)"
+                if mode == "compiled" and backend in NOT_COMPILED:  # a "*" mode rule: not captured whole
+                    backend, reason = "grouped_mm", f"{reason}; {backend} cannot be compiled whole"
+                elif drops and backend == "capacity":
+                    backend, reason = "grouped_mm", f"{reason}; capacity only where nothing drops"
+                return backend, reason
             low = upper
         raise AssertionError("unreachable: the last segment is open")
 
@@ -150,13 +164,16 @@ class CrossoverTable:
 # experts, where eager's loop over the few hit experts beats grouped_mm's pass over every group; compiled,
 # batched_mm reads the weights by index without copying them and wins up to a few pairs per expert. The
 # crossovers also depend on E, so E=8 and E=64 have their own rules (others take the nearest). Other devices:
-# the reference page's advice (batched_mm for decode-sized inputs), not measured here.
+# the reference page's advice (batched_mm for decode-sized inputs), not measured here. capacity (dropless) beats
+# the three only in bfloat16 at E=8 with a few pairs per expert (by 6-14%: H=1024, I=512, AVX-512 BF16, one
+# thread; `python -m moelab bench --tokens 1,4,16,64,256 --experts 8,64 --top-k 2,8 --backends
+# eager,batched_mm,grouped_mm,capacity`, fitted by `moelab.bench.crossovers_from_sweep`).
 DEFAULT_CROSSOVERS = CrossoverTable(
     rules={
         "cpu/*/eager": [[0.07, "eager"], [None, "grouped_mm"]],
         "cpu/float32/eager/E=8": [[0.35, "eager"], [None, "grouped_mm"]],
         "cpu/float32/eager/E=64": [[0.088, "eager"], [None, "grouped_mm"]],
-        "cpu/bfloat16/eager/E=8": [[None, "grouped_mm"]],
+        "cpu/bfloat16/eager/E=8": [[2, "grouped_mm"], [8, "capacity"], [None, "grouped_mm"]],
         "cpu/bfloat16/eager/E=64": [[0.044, "eager"], [None, "grouped_mm"]],
         "cpu/*/compiled": [[2.8, "batched_mm"], [None, "grouped_mm"]],
         "cpu/float32/compiled/E=8": [[5.6, "batched_mm"], [None, "grouped_mm"]],

@@ -28,11 +28,15 @@ def eager_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=No
                 expert_mask=expert_mask, expert_hit=expert_hit)
 
     recording = is_recording()  # NOTE: checked once: the per-expert step would otherwise cost a call per expert
+    # NOTE: unbind once rather than index gate_up_proj[e] per expert: under autograd each indexed slice's backward
+    # is a zero tensor the size of the whole parameter, so E slices would move O(E^2) bytes; unbind's backward
+    # stacks the E gradients once. Without autograd the views cost microseconds.
+    gate_up_proj, down_proj = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)  # E x [2I, H], [H, I]
     for expert_id in expert_hit.tolist():
         top_k_pos, token_idx = torch.where(expert_mask[expert_id])  # [n], [n]: slot and token of each pair
         tokens = hidden_states.index_select(0, token_idx)  # [n, H]: hidden_states[token_idx], a faster kernel
-        gate, up = F.linear(tokens, experts.gate_up_proj[expert_id]).chunk(2, dim=-1)  # [n, I] each
-        outputs = F.linear(experts.act_fn(gate) * up, experts.down_proj[expert_id])  # [n, H]
+        gate, up = F.linear(tokens, gate_up_proj[expert_id]).chunk(2, dim=-1)  # [n, I] each
+        outputs = F.linear(experts.act_fn(gate) * up, down_proj[expert_id])  # [n, H]
         outputs = outputs * top_k_weights[token_idx, top_k_pos, None]  # [n, H]
         if recording:
             record_step("expert",

@@ -1,4 +1,4 @@
-"""`calibrate`: measure where eager, batched_mm and grouped_mm overtake each other, for the `auto` backend.
+"""`calibrate`: measure where `auto`'s candidates (eager, batched_mm, grouped_mm, capacity) overtake each other.
 
 For each dtype and mode (plain / compiled) and each value x of the sweep (x = S = T*k pairs, or S/E pairs per
 expert), the backend chosen is the one with the smallest worst-case slowdown against the fastest backend over the
@@ -15,11 +15,11 @@ import math
 import pandas as pd
 import torch
 
-from ..backends.calibration import (AUTO_CANDIDATES, DEFAULT_CROSSOVERS, UNITS, CrossoverTable, calibration_path,
-                                    machine_key, reload_crossovers)
+from ..backends.calibration import (AUTO_CANDIDATES, DEFAULT_CROSSOVERS, NOT_COMPILED, UNITS, CrossoverTable,
+                                    calibration_path, machine_key, reload_crossovers)
 from .sweep import sweep
 
-PREFERENCE = ("grouped_mm", "eager", "batched_mm")  # on a tie: no weight copies first
+PREFERENCE = ("grouped_mm", "eager", "batched_mm", "capacity")  # on a tie: no weight copies, no padding first
 
 
 def _segments(choice_by_x: dict, unit: str) -> list[list]:
@@ -80,7 +80,7 @@ def _fit(ok: pd.DataFrame, unit: str, tolerance: float):
     ok = _compiled_grouped_is_lean(ok)
     for (device, dtype, compiled), part in ok.groupby(["device", "dtype", "compiled"]):
         key = f"{torch.device(device).type}/{dtype}/{'compiled' if compiled else 'eager'}"
-        candidates = [b for b in AUTO_CANDIDATES if not (compiled and b == "eager")]
+        candidates = [b for b in AUTO_CANDIDATES if not (compiled and b in NOT_COMPILED)]
         part = part.assign(x=part["pairs"] if unit == "pairs" else part["pairs"] / part["num_experts"])
         choice_by_x, penalties, scores = _fit_part(part, candidates, tolerance)
         if not choice_by_x:
@@ -135,10 +135,11 @@ def calibrate(tokens=(1, 4, 16, 64, 256, 1024, 2048), num_experts=(8, 64), top_k
               intermediate_size=512, dtypes=("float32", "bfloat16"), compiled=(False,), *, device="cpu",
               num_threads: int = 1, min_run_time: float = 0.1, memory_budget=None, tolerance: float = 0.03,
               unit: str = "auto", save: bool = True, path=None, progress: bool = True) -> CrossoverTable:
-    """Sweep eager / batched_mm / grouped_mm, derive the crossovers, and (save=True) store them for this machine
-    so that `auto` uses them; `path` overrides where. Returns the `CrossoverTable`.
+    """Sweep `auto`'s candidates (`AUTO_CANDIDATES`), derive the crossovers, and (save=True) store them for this
+    machine so that `auto` uses them; `path` overrides where. Returns the `CrossoverTable`.
 
-    Include `compiled=(False, True)` to calibrate the compiled mode too (slow: one compilation per point).
+    Include `compiled=(False, True)` to calibrate the compiled mode too (slow: one compilation per point; the
+    compiled rules never choose eager or capacity, `NOT_COMPILED`).
     """
     table = sweep(AUTO_CANDIDATES, tokens, num_experts, top_k, hidden_size, intermediate_size, dtypes, compiled,
                   device=device, num_threads=num_threads, min_run_time=min_run_time, memory_budget=memory_budget,

@@ -8,6 +8,7 @@ import torch
 from ..core.registry import ExpertsInterface
 from ..core.config import MoEConfig
 from ..core.dtypes import parse_dtype
+from ..core.machine import bf16_note
 from ..layer.moe import SparseMoE
 from .analysis import FIXED_BACKENDS
 from .env import resolve_clock
@@ -22,7 +23,8 @@ def compare_backends(config: MoEConfig, num_tokens: int = 128, dtype="float32", 
 
     Timed with `moelab.bench.timing.measure_interleaved`, the backends in turn (torch.utils.benchmark blocks), so
     a shared machine's drift lands in every backend alike; `clock` as in `moelab.bench.sweep` ("auto": this
-    process's CPU time for one thread, else wall time).
+    process's CPU time for one thread, else wall time). `table.attrs["bf16_note"]`: `moelab.core.machine.bf16_note`
+    for `dtype` (None unless bfloat16 is emulated on this CPU), what a reader of the times should know.
     """
     dtype = parse_dtype(dtype)
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
@@ -42,7 +44,9 @@ def compare_backends(config: MoEConfig, num_tokens: int = 128, dtype="float32", 
         diffs = {name: (moe(x).float() - reference).abs().max().item() for name, moe in layers.items()}  # + warm-up
         timings = measure_interleaved([lambda moe=moe: moe(x) for moe in layers.values()], num_threads=num_threads,
                                       clock=clock, min_run_time=min_run_time, min_runs=min_runs)
-    return pd.DataFrame([{"backend": name, "max_abs_diff_to_eager": diffs[name],
-                          "max_abs_output": reference.abs().max().item(), "median_ms": timing["median_ms"],
-                          "iqr_ms": timing["iqr_ms"], "runs": timing["runs"]}
-                         for name, timing in zip(layers, timings)])
+    table = pd.DataFrame([{"backend": name, "max_abs_diff_to_eager": diffs[name],
+                           "max_abs_output": reference.abs().max().item(), "median_ms": timing["median_ms"],
+                           "iqr_ms": timing["iqr_ms"], "runs": timing["runs"]}
+                          for name, timing in zip(layers, timings)])
+    table.attrs["bf16_note"] = bf16_note(dtype)
+    return table

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ..core.machine import cpu_description, cpu_flags, cpu_model, native_bf16
+from ..core import machine
 from ..hf import require_transformers
 from ..models.io import package_version
 
@@ -47,7 +47,8 @@ def environment(device="cpu", num_threads: int = 1, clock: str = "auto") -> dict
 
     The CPU facts come from `moelab.core.machine`: `cpu_model`, `cpu_capability` (the kernels torch picked),
     `cpu_flags` (the vector/matrix instruction-set flags, sorted), `native_bf16` (bfloat16 dot-product instructions,
-    without which bf16 GEMMs are emulated) and `cpu_description` (all of it in one line).
+    without which bf16 GEMMs are emulated; None where the flags are unknown), `onednn_bf16` (torch hands bf16
+    matmuls to oneDNN rather than its own layout-sensitive loops) and `cpu_description` (all of it in one line).
     """
     device = torch.device(device)
     env = {
@@ -56,12 +57,13 @@ def environment(device="cpu", num_threads: int = 1, clock: str = "auto") -> dict
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-        "cpu_model": cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine.cpu_model(),
+        "cpu_model": machine.cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_flags": sorted(flag for flag in cpu_flags() if flag.startswith(ISA_FLAG_PREFIXES)),
-        "native_bf16": native_bf16(),
-        "cpu_description": cpu_description(),
+        "cpu_flags": sorted(flag for flag in machine.cpu_flags() if flag.startswith(ISA_FLAG_PREFIXES)),
+        "native_bf16": machine.native_bf16(),
+        "onednn_bf16": machine.onednn_bf16(),
+        "cpu_description": machine.cpu_description(),
         "cpu_count": os.cpu_count(),
         "num_threads": num_threads,
         "clock": resolve_clock(clock, device, num_threads),

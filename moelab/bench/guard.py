@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import memory
+from ..memory.estimate import capacity_factor_of
 from ..core.machine import available_memory  # noqa: F401  (bytes free now; moelab.bench exports it)
 from ..backends.auto import choose
 
@@ -86,7 +87,8 @@ def backend_peak(config, num_tokens: int, backend: str, dtype, *, device="cpu",
     name = backend
     notes = []
     if backend == "auto":
-        name, _ = choose(num_tokens * config.top_k, dtype, device, compiled, config.num_experts)
+        drops = capacity_factor_of(config, False) is not None  # as `memory.analytic` models the call
+        name, _ = choose(num_tokens * config.top_k, dtype, device, compiled, config.num_experts, drops)
         notes.append(f"auto -> {name}")
     if name in memory.MODELLED_BACKENDS:
         counts = None

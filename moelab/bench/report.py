@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..core.machine import bf16_emulation_note
 from ..hf.inspect_adapter import NAMESAKE_BACKENDS
 from ..memory import format_bytes
 from . import analysis
@@ -94,6 +95,27 @@ def section_skipped(default, compiled) -> list[str]:
     return lines
 
 
+def bf16_status(env: dict) -> str:
+    """What the record says of bfloat16 on its CPU: 'native bf16', 'no native bf16: bfloat16 emulated', or ''
+    (a record from before `native_bf16` was kept, or unknown flags)."""
+    native = env.get("native_bf16")
+    return "" if native is None else "native bf16" if native else "no native bf16: bfloat16 emulated"
+
+
+def bf16_caveat(env: dict, *tables) -> list[str]:
+    """The lines to put next to bfloat16 figures measured where bfloat16 is emulated (none elsewhere)."""
+    if env.get("native_bf16") is not False:
+        return []
+    if not any(t is not None and (t["dtype"] == "bfloat16").any() for t in tables):
+        return []
+    return [f"> **bfloat16 rows below were emulated.** {bf16_emulation_note(env.get('onednn_bf16'))}", ""]
+
+
+def _under_heading(section: list[str], caveat: list[str]) -> list[str]:
+    """`caveat` between a section's heading (its first two lines) and its text."""
+    return section[:2] + caveat + section[2:] if caveat else section
+
+
 def markdown(default: pd.DataFrame, compiled: pd.DataFrame | None = None, images: dict[str, str] | None = None,
              command: str = "python benchmarks/run_benchmarks.py", min_pairs: int = 4096) -> str:
     """BENCHMARKS.md from the default sweep (uncompiled, run with `transformers=True, gemm_bound=True`) and the
@@ -108,7 +130,8 @@ def markdown(default: pd.DataFrame, compiled: pd.DataFrame | None = None, images
              "[docs/bench/default/sweep.csv](docs/bench/default/sweep.csv)"
              + (", [docs/bench/compiled/sweep.csv](docs/bench/compiled/sweep.csv)" if compiled is not None else "")
              + ".", "",
-             f"**Machine:** {env['device_name']} ({env['cpu_capability']}), {env['cpu_count']} cores, "
+             f"**Machine:** {env['device_name']} ({env['cpu_capability']}"
+             + (f", {bf16_status(env)}" if bf16_status(env) else "") + f"), {env['cpu_count']} cores, "
              f"{env['platform']}; torch {env['torch_version']}, transformers {env['transformers_version']}, moelab "
              f"{env['moelab_version']}. **One thread**, forward only, clock = **{env['clock']}** (CPU time of the "
              "process: on this shared machine wall time swings 2x with other users' load, CPU time does not). "
@@ -122,11 +145,14 @@ def markdown(default: pd.DataFrame, compiled: pd.DataFrame | None = None, images
              f"dtypes {_values(default, 'dtype')}. Each measurement: `torch.utils.benchmark` blocked_autorange, ≥ 0.2 s and ≥ 5 blocks; "
              "median and interquartile range per call. Memory budget for the guard: "
              f"{format_bytes(env['budget_bytes'])} (half of the available memory).", ""]
+    caveat = bf16_caveat(env, default, compiled)
+    lines += caveat
     lines += section_summary(default, compiled, min_pairs)
-    lines += section_transformers(default)
-    lines += section_dense(default, min_pairs)
-    lines += section_auto(default, compiled)
-    lines += section_claims(default, compiled)
+    # NOTE: the caveat again under every section whose tables have bfloat16 rows: a reader jumps to one table
+    lines += _under_heading(section_transformers(default), caveat)
+    lines += _under_heading(section_dense(default, min_pairs), caveat)
+    lines += _under_heading(section_auto(default, compiled), caveat)
+    lines += _under_heading(section_claims(default, compiled), caveat)
     lines += ["## 5. Plots", ""]
     captions = {"time_": "Time per call vs tokens (log-log), moelab solid, transformers dashed, dense limit dotted; "
                          "crossovers marked",

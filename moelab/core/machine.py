@@ -1,5 +1,6 @@
-"""The machine this process runs on: the CPU, read once (model name, the kernels torch picked, cores; figures name
-it), and the memory free now (`available_memory`, what memory guards size their budget from)."""
+"""The machine this process runs on: the CPU, read once (model name, the kernels torch picked, cores, whether it
+has bfloat16 instructions; figures name it), and the memory free now (`available_memory`, what memory guards size
+their budget from)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import platform
 
 import torch
+
+from .dtypes import parse_dtype
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,26 +28,65 @@ def cpu_model() -> str:
 
 @functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
+    """The CPU's feature flags: /proc/cpuinfo's `flags` (x86) or `Features` (ARM) line; empty where it is missing."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     return frozenset()
 
 
-def native_bf16() -> bool:
-    """True when the CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX); without them bf16 GEMMs are
-    emulated and run several times slower than float32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+# bfloat16 dot-product instructions: AVX512_BF16 and AMX on x86, the BF16 extension on ARM
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def native_bf16() -> bool | None:
+    """True when the CPU has bfloat16 dot-product instructions (AVX512_BF16, AMX or ARM's BF16), False when its
+    flags show none, None where the flags are unknown (no /proc/cpuinfo: torch's `get_cpu_capability` names only
+    the vector width, not these). Without them bfloat16 is emulated and its matmuls run slower than float32's."""
+    flags = cpu_flags()
+    return bool(BF16_FLAGS & flags) if flags else None
+
+
+def onednn_bf16() -> bool:
+    """True when torch hands bfloat16 matmuls to oneDNN (x86 with AVX-512, or ARM with BF16); else torch runs them
+    in its own loops, whose speed depends on the operands' layouts (see `bf16_note`)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def bf16_emulation_note(onednn: bool | None = None) -> str:
+    """The sentence for a CPU without bfloat16 instructions; `onednn`: whether torch ran bf16 matmuls through
+    oneDNN there (`onednn_bf16`; None: not known, e.g. an old benchmark record)."""
+    # NOTE: measured (one thread, 512x512x1024): oneDNN widens bf16 to float32 inside its kernels, layout-blind;
+    # torch's own loops (what an AVX2-only CPU gets) ran 4-9x slower than float32, and another ~10x slower when
+    # both operands had the same order (e.g. both row-major: x @ w with w stored [in, out])
+    how = {True: "oneDNN widens it to float32 inside its matmuls, which then run slower than float32 ones",
+           False: "torch runs its matmuls in its own loops, 4-9x slower than float32, and ~10x slower again for "
+                  "some operand layouts (x @ w with w stored [in, out]; moelab's forward passes avoid them)",
+           None: "its matmuls run slower than float32 ones (4-9x where torch has no oneDNN kernel for it)"}[onednn]
+    return (f"bfloat16 is emulated on this CPU (no AVX512_BF16/AMX instructions): {how}. Time float32, or read "
+            "bfloat16 figures as this machine's, not a GPU's or a newer CPU's.")
+
+
+def bf16_note(dtype) -> str | None:
+    """`bf16_emulation_note` for a user timing `dtype` on this CPU; None unless `dtype` is bfloat16 and the CPU
+    lacks bfloat16 instructions (unknown flags count as not lacking: nothing is claimed that was not read)."""
+    if parse_dtype(dtype) != torch.bfloat16 or native_bf16() is not False:
+        return None
+    return bf16_emulation_note(onednn_bf16())
 
 
 def cpu_description() -> str:
     """One line for a figure or a table: model, torch's CPU capability, native bf16 or not, cores."""
-    bf16 = "native bf16" if native_bf16() else "no native bf16"
+    native = native_bf16()
+    bf16 = "bf16 support unknown" if native is None else "native bf16" if native else "no native bf16"
     return (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()} kernels, {bf16}, "
             f"{os.cpu_count()} cores")
 

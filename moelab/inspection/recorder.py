@@ -3,7 +3,9 @@
 Starting registers a step recorder with `moelab.core.steps` and forward hooks on the MoE layers inside the
 inspected module (for a model of another library, after its registered adapter prepared it, see
 `moelab.inspection.adapters`); a pre-hook opens a `Call` (one stack per thread, so an `Experts` inside an open
-`SparseMoE` call joins it), each step lands in the innermost open call, and the post-hook closes it. Exiting
+`SparseMoE` call joins it), each step lands in the innermost open call, and the post-hook closes it. Only the
+thread that opened the trace is recorded: the hooks are on the module, so they also fire for calls other threads
+make meanwhile (a data loader, a server), which are counted in `trace.other_thread_calls` instead. Exiting
 removes everything, also on error, then warns about what could not be seen (`InspectionWarning`).
 """
 
@@ -65,6 +67,8 @@ class Recorder:
         self.module = trace.module
         self._handles: list = []
         self._stacks: dict[int, list[list]] = {}  # thread id -> open layers [module, Call, seen storages]
+        self._thread: int | None = None  # the inspecting thread, the one recorded
+        self._foreign_depth: dict[int, int] = {}  # another thread id -> its open layers, to count outer calls once
         self._active = False
         self._seen_names: set[str] = set()
         self._callback = None
@@ -100,6 +104,7 @@ class Recorder:
         if not self._handles and not compiled:
             warnings.warn(f"{type(self.module).__name__} contains no MoE layer (SparseMoE, Experts, or a module with "
                           "an `experts_implementation`): nothing will be recorded", InspectionWarning, stacklevel=3)
+        self._thread = threading.get_ident()
         self._active = True
         self._first_call = len(self.trace.calls)
 
@@ -109,6 +114,7 @@ class Recorder:
         self._remove_hooks()
         self._exit_external(exc_type, exc, tb)
         self._stacks.clear()
+        self._foreign_depth.clear()
         self._active = False
         if exc_type is None:
             self._warn_on_exit()
@@ -149,7 +155,13 @@ class Recorder:
         def pre_hook(module, args):
             if torch.compiler.is_compiling():  # a compiled copy of an inspected module: record nothing, break nothing
                 return
-            stack = self._stacks.setdefault(threading.get_ident(), [])
+            thread = threading.get_ident()
+            if thread != self._thread:
+                depth = self._foreign_depth.get(thread, 0)
+                self.trace.other_thread_calls += depth == 0  # an Experts inside its SparseMoE is the same call
+                self._foreign_depth[thread] = depth + 1
+                return
+            stack = self._stacks.setdefault(thread, [])
             if stack:  # an Experts inside an open SparseMoE call: same layer, same call
                 call = stack[-1][1]
                 call.backend = _backend_of(module) or call.backend
@@ -183,11 +195,18 @@ class Recorder:
     def _post_hook(self, module, args, output) -> None:
         if torch.compiler.is_compiling():
             return
-        stack = self._stacks.get(threading.get_ident())
+        thread = threading.get_ident()
+        if thread != self._thread:
+            if self._foreign_depth.get(thread):
+                self._foreign_depth[thread] -= 1
+            return
+        stack = self._stacks.get(thread)
         if stack and stack[-1][0] is module:
             stack.pop()
 
     def _record(self, name: str, explanation: str, tensors: dict, derived: dict, copied: frozenset) -> None:
+        if threading.get_ident() != self._thread:
+            return  # another thread's step: its call is counted in other_thread_calls, not recorded
         stack = self._stacks.get(threading.get_ident())
         if not stack:
             self.trace.unattributed += 1

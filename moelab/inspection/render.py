@@ -150,6 +150,9 @@ def trace_summary(trace: Trace) -> str:
     text = f"Trace ({state}): {len(trace.calls)} MoE call(s), {len(trace)} step(s)"
     if trace.unattributed:
         text += f", {trace.unattributed} step(s) emitted outside the inspected layers (not kept)"
+    if trace.other_thread_calls:
+        text += (f", {trace.other_thread_calls} MoE call(s) from other threads not recorded (a trace records the "
+                 f"thread that opened it)")
     for note in trace.notes:
         text += f"\n  note: {note}"
     return text

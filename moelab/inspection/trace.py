@@ -70,7 +70,9 @@ class Trace:
 
     calls: list of `Call`; steps: all steps of all calls in order; `trace["sort"]` the one step of that name
     (LookupError naming the calls if several: use `find` or `calls[i]["sort"]`); unattributed: how many steps were
-    emitted outside the inspected layers (not kept). Hooking and recording: the `Recorder` it owns.
+    emitted outside the inspected layers (not kept); other_thread_calls: how many calls of the inspected layers other
+    threads made during the block (not recorded: a trace records the thread that opened it). Hooking and
+    recording: the `Recorder` it owns.
     """
 
     def __init__(self, module: nn.Module, *, on: dict[str, StepCallback | list[StepCallback]] | None = None,
@@ -82,6 +84,7 @@ class Trace:
         self.keep_tensors = bool(keep_tensors)
         self.calls: list[Call] = []
         self.unattributed = 0
+        self.other_thread_calls = 0
         self._callbacks: dict[str, list[StepCallback]] = {}
         self.notes: list[str] = []  # what the trace should say about how it was made (e.g. moelab.hf)
         self._recorder = Recorder(self)

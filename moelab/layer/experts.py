@@ -8,6 +8,7 @@ from torch import nn
 from ..core.activations import get_activation
 from ..core.registry import ExpertsInterface
 from ..core.config import MoEConfig
+from ..core.dtypes import DTYPES
 
 
 class Experts(nn.Module):
@@ -61,6 +62,9 @@ class Experts(nn.Module):
         if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
             raise ValueError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
         param_dtype = self.gate_up_proj.dtype
+        if param_dtype not in DTYPES.values():  # e.g. .to(torch.float8_e4m3fn): the kernels would raise deep inside
+            raise ValueError(f"the experts' weights are {param_dtype}, a dtype moelab cannot run; use one of "
+                             f"{list(DTYPES)} (module.to(torch.float32))")
         if hidden_states.dtype != param_dtype:
             raise ValueError(f"hidden_states dtype {hidden_states.dtype} does not match the experts' weights "
                              f"({param_dtype}); cast the input or the module with .to(dtype)")
@@ -89,6 +93,13 @@ class Experts(nn.Module):
             raise ValueError(f"dropped is on {dropped.device} but top_k_index is on {top_k_index.device}")
 
     def forward(self, hidden_states, top_k_index, top_k_weights, dropped=None):
+        if torch.jit.is_tracing():
+            # NOTE: a trace records one call's Python control flow and sizes: eager's loop over the experts hit,
+            # the group sizes of the others. Replayed on another input it is silently wrong (eager traced at T=1,
+            # run at T=32) or fails in the interpreter.
+            raise RuntimeError("torch.jit.trace cannot record an MoE layer: which experts run, and on how many rows, "
+                               "depends on the values of top_k_index, and a trace replays the example's routing "
+                               "for every input; use torch.compile or torch.export, which keep it data-dependent")
         top_k_index = self.check_inputs(hidden_states, top_k_index, top_k_weights)
         backend = ExpertsInterface.get(self.experts_implementation)
         if dropped is None:
@@ -106,6 +117,9 @@ class Experts(nn.Module):
             got = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise RuntimeError(f"experts backend {self.experts_implementation!r} returned {got}, "
                                f"expected a tensor of shape {list(hidden_states.shape)}")
+        if output.device != hidden_states.device:  # a meta tensor has the shape and dtype but no values
+            raise RuntimeError(f"experts backend {self.experts_implementation!r} returned a tensor on "
+                               f"{output.device}, expected one on {hidden_states.device}")
         # NOTE: float32 top_k_weights (Mixtral) make the backends weigh and sum in float32: cast back, as transformers
         # does. A no-op (the same tensor) otherwise.
         return output.to(hidden_states.dtype)

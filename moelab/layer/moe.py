@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..core.activations import get_activation
 from ..core.config import MoEConfig
-from ..core.dtypes import parse_dtype
+from ..core.dtypes import DTYPES, parse_dtype
 from .experts import Experts
 from .router import RouterOutput, TopKRouter
 from ..core.steps import record_step
@@ -96,6 +96,9 @@ class SparseMoE(nn.Module):
         if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] != hidden_size:
             raise ValueError(f"hidden_states must have shape [T, {hidden_size}] or [B, S, {hidden_size}], "
                              f"got {list(hidden_states.shape)}")
+        if self.router.weight.dtype not in DTYPES.values():  # .to(torch.float8_e4m3fn): refused, as dtype= is
+            raise ValueError(f"the layer's weights are {self.router.weight.dtype}, a dtype moelab cannot run; use "
+                             f"one of {list(DTYPES)} (module.to(torch.float32))")
         if hidden_states.dtype != self.router.weight.dtype:
             raise ValueError(f"hidden_states dtype {hidden_states.dtype} does not match the layer's weights "
                              f"({self.router.weight.dtype}); cast the input or the module with .to(dtype)")

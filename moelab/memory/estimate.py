@@ -83,18 +83,6 @@ def analytic(config, num_tokens: int, backend: str, dtype=torch.float32, *,
     if not _is_count(num_tokens) or num_tokens < 0:
         raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
     dtype = parse_dtype(dtype)
-    requested = None
-    if backend == "auto":  # the backend `auto` would pick for these T*k pairs (its crossover table decides)
-        requested = backend
-        backend = choose(num_tokens * top_k, dtype, torch.device(device).type, compiled=False,
-                         num_experts=num_experts)[0]
-    if backend not in MODELLED_BACKENDS:
-        raise ValueError(f"no memory model for experts backend {backend!r}; models exist for {list(MODELLED_BACKENDS)} "
-                         "and 'auto'")
-    if not _is_count(block_size) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1 (rows per block, M), got {block_size!r}")
-    if capacity is not None and (not _is_count(capacity) or capacity < 0):
-        raise ValueError(f"capacity must be None or an int >= 0 (rows per expert, C), got {capacity!r}")
     factor = capacity_factor_of(config, training)
     if drops is None:
         drops = factor is not None
@@ -102,6 +90,18 @@ def analytic(config, num_tokens: int, backend: str, dtype=torch.float32, *,
         raise ValueError(f"with router=True the experts get a dropped mask exactly when the config has a capacity "
                          f"factor in {'training' if training else 'eval'} mode (here {factor}); got drops={drops}")
     drops = bool(drops)
+    requested = None
+    if backend == "auto":  # the backend `auto` would pick for these T*k pairs (its crossover table decides)
+        requested = backend
+        backend = choose(num_tokens * top_k, dtype, torch.device(device).type, compiled=False,
+                         num_experts=num_experts, drops=drops)[0]
+    if backend not in MODELLED_BACKENDS:
+        raise ValueError(f"no memory model for experts backend {backend!r}; models exist for {list(MODELLED_BACKENDS)} "
+                         "and 'auto'")
+    if not _is_count(block_size) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1 (rows per block, M), got {block_size!r}")
+    if capacity is not None and (not _is_count(capacity) or capacity < 0):
+        raise ValueError(f"capacity must be None or an int >= 0 (rows per expert, C), got {capacity!r}")
     itemsize = dtype.itemsize
     sizes = {"T": num_tokens, "k": top_k, "E": num_experts, "H": hidden, "I": inter, "b": itemsize}
     # w: bytes per element of the weighted pairs: float32 when the router hands on float32 weights (Mixtral)

@@ -157,7 +157,8 @@ def waste_table(config, top_k_index: torch.Tensor, dropped: torch.Tensor | None 
     for requested in backends:
         backend = requested
         if requested == "auto":
-            backend = choose(num_pairs, dtype, "cpu", compiled=False, num_experts=num_experts)[0]
+            backend = choose(num_pairs, dtype, "cpu", compiled=False, num_experts=num_experts,
+                             drops=dropped is not None)[0]
         capacity = _capacity(config, counts, num_tokens, dropped, training) if backend == "capacity" else 0
         computed, padding, allocated = _rows(backend, counts, num_pairs, num_experts, capacity, block_size)
         dropped_computed = num_pairs - useful if backend == "batched_mm" else 0

@@ -40,7 +40,8 @@ def init_weights(module: nn.Module, std: float, generator: torch.Generator | Non
     A MoE layer gets a seed drawn from the same generator and keeps its own init (its own std).
     """
     if isinstance(module, SparseMoE):
-        module.reset_parameters(int(torch.randint(0, 2**62, (), generator=generator)))
+        # NOTE: the seed is drawn on the CPU also under `with torch.device("meta")` (from_pretrained's skeleton)
+        module.reset_parameters(int(torch.randint(0, 2**62, (), generator=generator, device="cpu")))
         return  # its inner modules are its business
     if isinstance(module, (nn.Linear, nn.Embedding)):
         values = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
@@ -86,12 +87,38 @@ def model_output(config: MoEModelConfig, logits, past_key_values, labels, router
                           tuple(router_outputs) if output_router_logits else None, lm_loss)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting labels[:, t + 1] from logits[:, t]; label -100 is ignored."""
+IGNORE_INDEX = -100  # a label the loss skips (transformers' convention)
+
+
+def check_labels(labels, logits: torch.Tensor) -> None:
+    """ValueError unless `labels` is an integer tensor [B, N] of token ids in [0, V) or -100, with at least one
+    target: the loss predicts labels[:, 1:], so labels[:, 0] is never one (and N = 1 has none)."""
     if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
         got = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must be a tensor of shape {list(logits.shape[:2])}, got {got}")
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(), ignore_index=-100)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
+    # NOTE: reading the values syncs with the host; skipped while torch.compile traces, as for input_ids.
+    if torch.compiler.is_compiling():
+        return
+    targets = labels[:, 1:]
+    kept = targets[targets != IGNORE_INDEX]
+    if not kept.numel():  # cross_entropy would return NaN (0 / 0), which trains nothing and says nothing
+        raise ValueError(f"labels leave nothing to predict: every label after the first position is "
+                         f"{IGNORE_INDEX} (ignored), or the sequence has one position; the loss predicts "
+                         f"labels[:, 1:] from the logits before them")
+    low, high = torch.aminmax(kept)
+    vocab_size = logits.shape[-1]
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"labels values must be in [0, vocab_size = {vocab_size}) or {IGNORE_INDEX} (ignored), "
+                         f"got values in [{int(low)}, {int(high)}]")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, t + 1] from logits[:, t]; label -100 is ignored."""
+    check_labels(labels, logits)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),
+                           ignore_index=IGNORE_INDEX)
 
 
 class MoEPreTrainedModel(nn.Module):

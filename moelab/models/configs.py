@@ -151,11 +151,12 @@ class MultiBackboneConfig:
 
 
 def check_input_ids(input_ids, vocab_size: int, name: str = "input_ids") -> None:
-    """ValueError naming `name` unless it is an integer tensor [B, N] with N >= 1 and ids in [0, vocab_size)."""
+    """ValueError naming `name` unless it is an int64 / int32 tensor [B, N] with N >= 1 and ids in [0, vocab_size)."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes (not uint8, int16, ...)
+        raise ValueError(f"{name} must be an integer tensor of int64 or int32, got {input_ids.dtype}; convert it "
+                         f"with .long()")
     if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
         raise ValueError(f"{name} must have shape [batch, seq_len] with both >= 1, got {list(input_ids.shape)}"
                          + (" (use input_ids[None] for a single sequence)" if input_ids.dim() == 1 else ""))

@@ -12,6 +12,7 @@ pre-hook on every experts module records which backend each layer really ran in 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -97,8 +98,9 @@ def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperatur
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample must be a bool, got {do_sample!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or not temperature > 0):  # inf would flatten every distribution to uniform noise
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
@@ -133,7 +135,12 @@ def next_token(logits, do_sample: bool, temperature: float, top_k, top_p, genera
     """logits [B, V] -> token ids [B]: argmax when greedy, else a draw from the filtered softmax."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # [B, V]
+    logits = logits.float()
+    # NOTE: the best logit is moved to 0 first: softmax is unchanged, and a tiny temperature then sends the others
+    # to -inf instead of every logit to +-inf (inf - inf: NaN probabilities). A temperature below float32's range
+    # would round to 0 (0 / 0 at the best logit), so it is held at the smallest normal float32.
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # [B, V]
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))

@@ -5,20 +5,26 @@ version) and its weights. The experts backend is not saved: like the attention i
 it is a choice of how to run the model, made again at load time (`experts_implementation=`).
 Every way a folder can be wrong (missing, not JSON, another model, truncated weights, missing tensors, wrong
 shapes, files of two different saves, weights changed since the save) raises FileNotFoundError or ValueError
-naming the file and the problem.
+naming the file and the problem. The config is checked against the weights' header (names, shapes, dtypes, read
+without the data) before anything is built, so a config edited past its weights (`vocab_size`, layers) fails at
+once, naming the config field, instead of allocating the model it describes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,6 +35,7 @@ WEIGHTS_NAME = "model.safetensors"
 SAVE_ID_KEY = "moelab_save_id"  # in config.json and in the safetensors metadata: the two files of one save
 WEIGHTS_HASH_KEY = "weights_sha256"  # in config.json: the checksum of model.safetensors, checked on load
 _META_KEYS = ("model_type", "dtype", "moelab_version", SAVE_ID_KEY, WEIGHTS_HASH_KEY)
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}  # header names
 MODEL_TYPES: dict[str, type] = {}  # model_type (as written in config.json) -> model class; classes register here
 
 
@@ -130,29 +137,114 @@ def _read_config(cls, config_path: Path):
     return config, raw
 
 
-def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+def _unreadable(weights_path: Path, error: Exception) -> ValueError:
+    # safetensors raises its own error types (truncated header, bad offsets, ...)
+    return ValueError(f"{weights_path} is not a readable safetensors file, it may be truncated or corrupt "
+                      f"({type(error).__name__}: {error})")
+
+
+def _read_header(weights_path: Path) -> dict[str, tuple[list[int], str]]:
+    """model.safetensors' tensor names -> (shape, safetensors dtype such as 'F32'), from its header: no data read."""
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing: {weights_path.parent} is not a folder written by "
                                 f"save_pretrained")
     try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            return {name: (list(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+    except Exception as error:
+        raise _unreadable(weights_path, error) from None
+
+
+def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+    try:
         return load_file(str(weights_path))
-    except Exception as error:  # safetensors raises its own error types (truncated header, bad offsets, ...)
-        raise ValueError(f"{weights_path} is not a readable safetensors file, it may be truncated or corrupt "
-                         f"({type(error).__name__}: {error})") from None
+    except Exception as error:
+        raise _unreadable(weights_path, error) from None
 
 
-def _check_tensors(tensors: dict, expected: dict, weights_path: Path) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+class _LayerStack(NamedTuple):
+    """The layers of one backbone: the config field that counts them, their names' prefix, how many."""
+
+    field: str  # "num_hidden_layers", or "text_config.num_hidden_layers" for a sub-config
+    prefix: str  # "model.layers."
+    count: int
+
+
+def _skeleton(cls, config):
+    """A copy of `cls(config)` with one layer per backbone, on the meta device: its tensors' names and shapes,
+    nothing allocated or drawn; and each backbone's `_LayerStack`, counted as `config` asks."""
+    keys = cls.sub_configs or ("",)
+    subs = {key: getattr(config, key) if key else config for key in keys}
+    one_layer = {key: dataclasses.replace(sub, num_hidden_layers=1) for key, sub in subs.items()}
+    small = one_layer[""] if "" in one_layer else dataclasses.replace(config, **one_layer)
+    with torch.device("meta"):
+        skeleton = cls(small)
+    names = {id(module): name for name, module in skeleton.named_modules()}
+    stacks = []
+    for key, layers in skeleton._experts_groups().items():
+        parts = names[id(layers[0])].split(".")  # e.g. model.layers.0.moe: the list is the parent of the "0"
+        i = next(i for i, part in enumerate(parts) if part == "0"
+                 and isinstance(skeleton.get_submodule(".".join(parts[:i])), nn.ModuleList))
+        stacks.append(_LayerStack(f"{key}.num_hidden_layers" if key else "num_hidden_layers",
+                                  ".".join(parts[:i]) + ".", subs[key].num_hidden_layers))
+    return skeleton, stacks
+
+
+def _sized_fields(config_dict: dict, prefix: str = "") -> dict[str, int]:
+    """Every int field of a config (nested ones dotted, e.g. moe.intermediate_size) by name."""
+    fields = {}
+    for key, value in config_dict.items():
+        if isinstance(value, dict):
+            fields.update(_sized_fields(value, f"{prefix}{key}."))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            fields[f"{prefix}{key}"] = value
+    return fields
+
+
+def _explain(config, expected: list[int], found: list[int], config_path: Path) -> str:
+    """' (config.json's vocab_size = 20000000)': the config fields that may set the sizes that differ."""
+    sized = _sized_fields(config.to_dict())
+    named = []
+    for want, got in zip(expected, found):
+        if want != got:
+            named += [f"{name} = {value}" for name, value in sized.items() if value == want]
+            named += [f"2 * {name} = {want}" for name, value in sized.items() if 2 * value == want]
+    return f" ({config_path.name}'s {', '.join(dict.fromkeys(named))})" if named else ""
+
+
+def check_config_against_header(cls, config, header: dict, config_path: Path, weights_path: Path) -> None:
+    """ValueError unless `cls(config)` has exactly the tensors of the header `header` (names, shapes, floating
+    dtypes), naming the config field that differs; nothing is built but a one-layer copy on the meta device."""
+    skeleton, stacks = _skeleton(cls, config)
+    for stack in stacks:  # NOTE: first, so a huge layer count fails before its names are spelt out
+        pattern = re.compile(re.escape(stack.prefix) + r"(\d+)\.")
+        found = sorted({int(m.group(1)) for name in header if (m := pattern.match(name))})
+        if len(found) != stack.count:
+            held = f"{stack.prefix}{found[0]}" + (f"-{found[-1]}" if len(found) > 1 else "") if found else "none"
+            raise ValueError(f"{config_path} sets {stack.field} = {stack.count}, but {weights_path} holds "
+                             f"{len(found)} layer{'s' if len(found) != 1 else ''} ({held}): the config does not "
+                             f"describe these weights")
+    expected: dict[str, list[int]] = {}
+    for name, tensor in skeleton.state_dict().items():
+        stack = next((s for s in stacks if name.startswith(s.prefix + "0.")), None)
+        if stack is None:
+            expected[name] = list(tensor.shape)
+        else:  # the one layer built stands for every layer of its backbone
+            rest = name[len(stack.prefix) + 2:]
+            expected.update({f"{stack.prefix}{i}.{rest}": list(tensor.shape) for i in range(stack.count)})
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match its config: missing tensors {missing}, "
-                         f"unexpected tensors {unexpected}")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{weights_path}: tensor {name!r} has shape {list(tensor.shape)}, "
-                             f"the config expects {list(expected[name].shape)}")
-        if not tensor.dtype.is_floating_point:
-            raise ValueError(f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected a floating dtype")
+        raise ValueError(f"{weights_path} does not match its config: missing tensors {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''}, unexpected tensors {unexpected[:20]}"
+                         f"{' ...' if len(unexpected) > 20 else ''}")
+    for name, (shape, dtype) in header.items():
+        if shape != expected[name]:
+            raise ValueError(f"{weights_path}: tensor {name!r} has shape {shape}, the config expects "
+                             f"{expected[name]}{_explain(config, expected[name], shape, config_path)}")
+        if dtype not in SAFETENSORS_DTYPES:  # also float8 (F8_E4M3): loaded as saved, the model could not run
+            raise ValueError(f"{weights_path}: tensor {name!r} has dtype {dtype}, expected a floating dtype moelab "
+                             f"runs in ({', '.join(SAFETENSORS_DTYPES.values())})")
 
 
 def from_pretrained(cls, pretrained_model_path, experts_implementation: str | dict | None = None, *,
@@ -177,10 +269,10 @@ def from_pretrained(cls, pretrained_model_path, experts_implementation: str | di
     config, raw_config = _read_config(cls, directory / CONFIG_NAME)
     weights_path = directory / WEIGHTS_NAME
     check_same_save(raw_config, directory / CONFIG_NAME, weights_path)
+    check_config_against_header(cls, config, _read_header(weights_path), directory / CONFIG_NAME, weights_path)
     tensors = _read_weights(weights_path)
 
     model = cls(config, experts_implementation, seed=0)  # the weights are overwritten below
-    _check_tensors(tensors, model.state_dict(), weights_path)
     if target_dtype is None:  # keep the saved dtype: the one most tensors have
         target_dtype = Counter(t.dtype for t in tensors.values()).most_common(1)[0][0]
     model.to(target_dtype)

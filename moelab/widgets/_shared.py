@@ -13,11 +13,11 @@ import ipywidgets as W
 from IPython.display import Image
 from matplotlib.figure import Figure
 
-from ..backends.calibration import AUTO_CANDIDATES
+from ..backends.calibration import REFERENCE_BACKENDS
 
-# what the widgets select by default: the three `auto` chooses among, whose crossovers the explorer shows; every
-# other registered backend (capacity, block_aligned, yours) is offered beside them, to select
-BACKENDS = AUTO_CANDIDATES
+# what the widgets select by default: the three of the reference page; every other registered backend (capacity,
+# block_aligned, yours) is offered beside them, to select
+BACKENDS = REFERENCE_BACKENDS
 
 
 def figure_png(fig: Figure) -> Image:

@@ -8,6 +8,7 @@ so patching a name there (e.g. `sweeps.bench_sweep`, `sweeps.guard`) changes wha
 from __future__ import annotations
 
 import functools
+import html
 import math
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 
 from ..backends import ExpertsInterface
 from ..core.config import MoEConfig
+from ..core.machine import bf16_note
 from ..memory import format_bytes
 from . import sweeps
 from ._shared import BACKENDS, figure_png, show_in
@@ -46,8 +48,12 @@ class BackendExplorer:
     capacity) sized for the worst routing, since nothing has been routed yet. The sliders are bounded (`BOUNDS`);
     at their largest call batched_mm and capacity exceed the default budget.
 
+    While bfloat16 is selected on a CPU without bfloat16 instructions, a line under the status says it is emulated
+    and what that does to the times (`moelab.core.machine.bf16_note`).
+
     State for Python: `settings()`, `last_results` (tidy DataFrame: one row per backend and sequence length,
-    carrying the slider settings), `last_guard` (the guard's table), `figure`, `message`, `refused`, `runs`.
+    carrying the slider settings), `last_guard` (the guard's table), `figure`, `message`, `note` (the bfloat16
+    note shown, or None), `refused`, `runs`.
     `runner(config, batch_size, seq_lens, backends, dtype, compile, seed)` may replace the timing function.
     """
 
@@ -76,6 +82,7 @@ class BackendExplorer:
                                          description="backends", style=style, rows=min(len(options), 6))
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.status = W.HTML()
+        self.note_html = W.HTML()
         self.table_out = W.Output(layout=W.Layout(border="1px solid #ddd"))
         self.plot_out = W.Output()
 
@@ -83,6 +90,7 @@ class BackendExplorer:
         self.last_guard: pd.DataFrame | None = None
         self.figure: Figure | None = None
         self.message = ""
+        self.note: str | None = None
         self.refused = False
         self.runs = 0  # how many times the runner really ran
 
@@ -91,7 +99,8 @@ class BackendExplorer:
             w.observe(lambda change: self._preview(), names="value")
         self.run_button.on_click(lambda button: self.run())
         controls = W.VBox([self.num_experts, self.top_k, self.batch_size, self.seq_len,
-                           W.HBox([self.dtype, self.backends]), self.compile, self.run_button, self.status])
+                           W.HBox([self.dtype, self.backends]), self.compile, self.run_button, self.status,
+                           self.note_html])
         self.widget = W.VBox([controls, self.plot_out, self.table_out])
         self._preview()
 
@@ -184,8 +193,14 @@ class BackendExplorer:
         self.top_k.max = min(BOUNDS["top_k"][1], change["new"])  # clamps top_k's value too
         self._preview()
 
+    def _show_note(self) -> None:
+        self.note = bf16_note(self.dtype.value)
+        shown = "" if self.note is None else f"<span style='color:#8a5a00'>{html.escape(self.note)}</span>"
+        self.note_html.value = shown
+
     def _preview(self) -> None:
-        """Live guard: the analytic peak of the largest call per backend, before anything runs."""
+        """Live guard: the analytic peak of the largest call per backend, before anything runs; the dtype's note."""
+        self._show_note()
         if not self.backends.value:
             self._set_status("select at least one backend", "#b00020")
             return
