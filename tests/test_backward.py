@@ -133,3 +133,15 @@ def test_each_weight_gradient_is_built_once(backend):
         out.sum().backward()
     made = sum(n for _, n in mode.made) / numel
     assert made <= 6, f"{backend}: {made:g} down_proj's worth of new tensors in backward: {mode.made}"
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_no_tokens_give_zero_gradients_not_an_error(backend):
+    """T = 0 (or every pair dropped): backward still runs and every gradient is zero."""
+    moe = make_moe(16, 32, 4, 2, backend=backend)
+    x = torch.randn(0, 16, requires_grad=True)
+    w = torch.randn(0, 2, requires_grad=True)
+    moe.experts(x, torch.zeros(0, 2, dtype=torch.long), w).sum().backward()
+    assert x.grad.shape == (0, 16) and w.grad.shape == (0, 2)
+    for p in (moe.experts.gate_up_proj, moe.experts.down_proj):
+        assert p.grad is not None and p.grad.abs().max() == 0

@@ -424,3 +424,15 @@ def test_profile_steps_splits_a_call_by_operator():
     assert table.share.sum() == pytest.approx(1.0)
     assert (table.ms_per_call.diff().dropna() <= 0).all()  # largest first
     assert "aten::mm" in set(table.op) or "aten::_grouped_mm" in set(table.op)  # the GEMMs are in the split
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"memory_budget": "2.0"}, "ambiguous"), ({"min_run_time": float("nan")}, "min_run_time"),
+    ({"min_run_time": float("inf")}, "min_run_time"), ({"device": "cud"}, "device"),
+    pytest.param({"device": "cuda"}, "device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_sweep_arguments_from_python_are_named_before_anything_runs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench.sweep(["eager"], tokens=[1], num_experts=[4], top_k=[2], hidden_size=[16], intermediate_size=[32],
+                    dtypes=["float32"], progress=False, **kwargs)

@@ -45,5 +45,10 @@ def eager_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=No
                         outputs=outputs)
         final.index_add_(0, token_idx, outputs.to(final.dtype))
 
+    if not expert_hit.numel() and torch.is_grad_enabled():
+        # NOTE: no expert ran (T = 0, or every pair dropped), yet the output must stay in the autograd graph, so
+        # that backward gives zero gradients as every other backend does, not "does not require grad"
+        inputs = (hidden_states, top_k_weights, experts.gate_up_proj, experts.down_proj)
+        final = final + sum(t.sum() for t in inputs if t.requires_grad) * 0
     record_step("reduce", "Each token's row now holds the weighted sum of its experts' outputs.", output=final)
     return final

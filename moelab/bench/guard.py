@@ -36,8 +36,12 @@ def parse_bytes(text: str) -> int | float:
         raise ValueError(f"memory budget must look like '8GiB', '512MB', '1e9' or a fraction such as '0.5', "
                          f"got {text!r}")
     value, unit = float(match.group(1)), match.group(2).lower()
-    if not unit and value <= 1 and "." in match.group(1):
-        return value
+    if not unit and "." in match.group(1) and "e" not in match.group(1).lower():
+        if value <= 1:
+            return value
+        # NOTE: '2.0' read as 2 bytes would skip every measurement in silence; say what the point means instead
+        raise ValueError(f"memory budget {text!r} is ambiguous: a number with a point and no unit is a fraction of "
+                         f"the available memory, in (0, 1]; for bytes give a unit ('{text}GiB') or an integer")
     return int(value * _UNITS[unit])
 
 

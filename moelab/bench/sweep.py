@@ -141,11 +141,16 @@ def sweep(backends: Sequence[str] | None = None, tokens=DEFAULT_GRID["tokens"],
     compiled = tuple(bool(c) for c in _as_tuple(compiled, "compiled"))
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
-    if not isinstance(min_run_time, (int, float)) or min_run_time <= 0:
-        raise ValueError(f"min_run_time must be > 0 seconds, got {min_run_time!r}")
+    if (isinstance(min_run_time, bool) or not isinstance(min_run_time, (int, float)) or not math.isfinite(min_run_time)
+            or min_run_time <= 0):
+        raise ValueError(f"min_run_time must be a finite number > 0 (seconds), got {min_run_time!r}")
     if isinstance(min_runs, bool) or not isinstance(min_runs, int) or min_runs < 1:
         raise ValueError(f"min_runs must be an int >= 1, got {min_runs!r}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)  # NOTE: fails here, named, rather than deep inside the first measurement
+    except (RuntimeError, TypeError, AssertionError) as err:  # AssertionError: torch built without CUDA
+        raise ValueError(f"device {device!r} is not available on this machine ({err})") from None
     clock = resolve_clock(clock, device, num_threads)
     budget = guard.resolve_budget(memory_budget, device)
     libraries = ["moelab"]
