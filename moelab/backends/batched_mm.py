@@ -9,7 +9,7 @@ dropped by capacity is computed like any other and weighed by its weight 0.
 import torch
 
 from ..core.steps import record_step
-from .autograd import needs_grad, pair_matmul
+from .autograd import needs_autograd, pair_matmul
 
 
 def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
@@ -32,8 +32,9 @@ def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
     # NOTE: each pair is a row vector times its weight transposed ([1, H] @ [H, 2I]), not [2I, H] @ [H, 1]: the
     # same dot products, but the CPU bmm kernels run this orientation 2-5x faster.
     # Under autograd, pair_matmul runs this same bmm but its backward works per expert, never building the S
-    # weight-sized gradients plain autograd would (moelab.backends.autograd.pair_matmul says why).
-    training = needs_grad(hidden_states, experts.gate_up_proj, experts.down_proj)
+    # weight-sized gradients plain autograd would (moelab.backends.autograd.pair_matmul says why). Compiled calls
+    # keep plain autograd: that backward loops over the experts after a host sync, which a graph cannot hold.
+    training = needs_autograd(experts, hidden_states, top_k_weights) and not torch.compiler.is_compiling()
     if training:
         gate_up = pair_matmul(repeated, gate_up_weights, experts.gate_up_proj, expert_ids)  # [S, 2I]
     else:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.steps import is_recording, record_step
+from .autograd import needs_autograd
 
 
 def eager_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=None):
@@ -45,7 +46,7 @@ def eager_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=No
                         outputs=outputs)
         final.index_add_(0, token_idx, outputs.to(final.dtype))
 
-    if not expert_hit.numel() and torch.is_grad_enabled():
+    if not expert_hit.numel() and needs_autograd(experts, hidden_states, top_k_weights):
         # NOTE: no expert ran (T = 0, or every pair dropped), yet the output must stay in the autograd graph, so
         # that backward gives zero gradients as every other backend does, not "does not require grad"
         inputs = (hidden_states, top_k_weights, experts.gate_up_proj, experts.down_proj)

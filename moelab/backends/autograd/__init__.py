@@ -7,13 +7,11 @@ import torch
 from .pair_matmul import PairMatmul, pair_matmul
 
 
-def needs_grad(*tensors) -> bool:
-    """Whether autograd records this call: grad mode on and any of `tensors` requires grad. (Not the module's
-    `training` flag: an eval-mode layer can be differentiated, a training one run under no_grad.) Compiled
-    calls keep plain autograd: the designed backward loops over experts with one host sync, which a graph
-    cannot hold."""
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and not torch.compiler.is_compiling())
+def needs_autograd(experts, hidden_states, top_k_weights) -> bool:
+    """True when autograd records this call: grad mode is on and an input or an expert weight requires grad. (Not
+    the module's `training` flag: an eval-mode layer can be differentiated, a training one run under no_grad.)"""
+    return torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad
+                                        or experts.gate_up_proj.requires_grad or experts.down_proj.requires_grad)
 
 
-__all__ = ["PairMatmul", "pair_matmul", "needs_grad"]
+__all__ = ["PairMatmul", "pair_matmul", "needs_autograd"]

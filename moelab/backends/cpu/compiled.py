@@ -10,7 +10,8 @@ import torch
 
 from ...core.activations import ACTIVATIONS
 from . import workspace
-from .lean import lean_grouped_mm, needs_autograd
+from ..autograd import needs_autograd
+from .lean import lean_grouped_mm
 
 # Compiled CPU inference hands grouped_mm to the op once gate_up ([S, 2I]) is this big.
 COMPILED_LEAN_MIN_BYTES = 16 * 2 ** 20

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.steps import is_recording, record_step
+from ..autograd import needs_autograd
 from ..grouped_matmul import grouped_linear, matmul_path
 from ..pairs import expert_offsets, inverse_permutation, sort_by_expert, sum_slots, tokens_per_expert
 from . import workspace
@@ -31,12 +32,6 @@ IN_PLACE_ACTIVATIONS = {F.silu: lambda t: F.silu(t, inplace=True), F.relu: torch
 
 _LOOP_REASON = ("a loop of torch.mm(out=...) into the reused workspace buffer: on CPU the native kernel's own "
                 "loop, minus allocating its result")
-
-
-def needs_autograd(experts, hidden_states, top_k_weights) -> bool:
-    """True when autograd records this call: grad mode is on and an input or an expert weight requires grad."""
-    return torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad
-                                        or experts.gate_up_proj.requires_grad or experts.down_proj.requires_grad)
 
 
 def applies(experts, hidden_states, top_k_weights) -> bool:
