@@ -8,6 +8,7 @@ This module only gathers the public names.
 
 from .backends import ExpertsInterface
 from .core.config import MoEConfig
+from .core.memory_guard import MemoryGuardError, memory_guard, set_memory_guard
 from .core.stage import Stage, current_stage, generation_stage, stage_label
 from .core.steps import record_step
 from .layer import Experts, GlobalLoad, RouterOutput, SparseMoE, TopKRouter, load_balancing_loss, router_z_loss
@@ -28,4 +29,5 @@ __all__ = [
     "GenerateOutput", "load_pretrained", "KVCache", "MoEForCausalLM", "MoEModelConfig", "RMSNorm", "MoEVisionConfig",
     "MultiBackboneConfig", "MultiBackboneForCausalLM", "synthetic_pixel_values", "decode_backends",
     "Stage", "current_stage", "generation_stage", "stage_label",
+    "MemoryGuardError", "memory_guard", "set_memory_guard",
 ]

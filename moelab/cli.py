@@ -45,7 +45,10 @@ def _run_compare(args) -> int:
     print(cpu_description())
     print(f"SparseMoE T={args.tokens} H={args.hidden} I={args.intermediate} E={args.experts} k={args.top_k} "
           f"{args.dtype}")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(table.drop(columns="skipped").to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    for name, why in zip(table["backend"], table["skipped"]):
+        if why:  # the memory guard refused it before it allocated (its message says what would fit)
+            print(f"skipped {name}: {why}")
     if table.attrs.get("bf16_note"):  # the times above are this CPU's emulation of bfloat16
         print(f"note: {table.attrs['bf16_note']}")
     return 0

@@ -22,13 +22,16 @@ FIRST_STEP = {"eager": "expert_mask", "batched_mm": "repeat", "grouped_mm": "sor
 
 
 def traced_steps(moe, x):
+    """The layer's output and steps for an inference call: under no_grad, so the "eager" rules apply (a call that
+    needs gradients reads the "backward" ones: test_auto_backward.py)."""
     steps = []
 
     def recorder(name, explanation, tensors, derived, copied):
         steps.append((name, dict(tensors)))
     add_recorder(recorder)
     try:
-        out = moe(x)
+        with torch.no_grad():
+            out = moe(x)
     finally:
         remove_recorder(recorder)
     return out, steps

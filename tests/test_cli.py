@@ -38,8 +38,10 @@ def test_compare_backends_table(dtype, tolerance):
     cfg = moelab.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2)
     table = compare_backends(cfg, num_tokens=4, dtype=dtype, min_run_time=0.01, seed=3)
     assert isinstance(table, pd.DataFrame)
-    assert list(table.columns) == ["backend", "max_abs_diff_to_eager", "max_abs_output", "median_ms", "iqr_ms", "runs"]
+    assert list(table.columns) == ["backend", "max_abs_diff_to_eager", "max_abs_output", "median_ms", "iqr_ms", "runs",
+                                   "skipped"]
     assert list(table.backend) == list(FIXED_BACKENDS)
+    assert (table.skipped == "").all()  # a 4-token call fits every backend: the memory guard skips nothing
     # the same comparison, computed here: the layer under the same seed, its input drawn from seed + 1
     torch_dtype = getattr(torch, dtype)
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(4)).to(torch_dtype)

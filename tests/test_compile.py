@@ -73,3 +73,23 @@ def test_compiled_grouped_mm_sums_every_slot(top_k):
     expected = reference_experts(x, index, weights, moe.experts.gate_up_proj, moe.experts.down_proj)
     out = compiled(x, index, weights.float())
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_out_of_range_top_k_index_fails_under_compile(backend, compiler):
+    # issue 16 item 3: compiled grouped_mm once returned garbage (bf16: 1e38, then NaN) or dropped the pair (float32)
+    # for an index >= E, and -1 gave yet another answer; the check now runs inside the compiled graph
+    moe = make_moe(16, 8, 4, 2, backend=backend, dtype=torch.bfloat16).eval()
+    compiled = torch.compile(moe.experts, fullgraph=True, backend=compiler)
+    x = torch.randn(6, 16, dtype=torch.bfloat16)
+    weights = torch.full((6, 2), 0.5, dtype=torch.bfloat16)
+    good = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2], [1, 3]])
+    torch.testing.assert_close(compiled(x, good, weights), moe.experts(x, good, weights), **TOL[torch.bfloat16])
+    for bad_value in (4, -1):
+        bad = good.clone()
+        bad[2, 1] = bad_value
+        with pytest.raises(RuntimeError, match=r"top_k_index values must be in \[0, num_experts = 4\)"):
+            compiled(x, bad, weights)
+    with pytest.raises(ValueError, match="got values in"):  # uncompiled: the ValueError with the values
+        moe.experts(x, bad, weights)

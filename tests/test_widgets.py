@@ -208,8 +208,11 @@ def test_trace_stepper_slides_through_a_backend_steps():
     assert "expert_mask" in [step.name for step in stepper.trace.steps]
 
 
-def test_a_backend_without_memory_model_is_probed_and_guarded():
+def test_a_backend_without_memory_model_is_guarded_like_the_sweep_and_nothing_is_built():
+    # issue 16 item 5: the explorer once built the layer to probe a custom backend (768 MiB at E=64, H=I=1024; a
+    # failed 2 GiB allocation at H=I=2048) and then counted only the probe's 530 KiB; now it asks the bench guard
     import torch
+    from moelab.bench import guard as bench_guard
 
     def dense(experts, hidden_states, top_k_index, top_k_weights):  # every expert on every token: [E, T, 2I]
         gate, up = torch.einsum("th,eih->eti", hidden_states, experts.gate_up_proj).chunk(2, dim=-1)
@@ -219,21 +222,37 @@ def test_a_backend_without_memory_model_is_probed_and_guarded():
 
     moelab.ExpertsInterface.register("dense_test", dense, overwrite=True)
     try:
+        with moelab.memory.quiet_stderr():
+            built = moelab.memory.measure(lambda: BackendExplorer(
+                runner=SpyRunner(), hidden_size=2048, intermediate_size=2048, num_experts=64,
+                backends=("dense_test",)))
+        assert built.peak_bytes < 2 ** 20  # the 3 GiB of weights were never allocated
         cfg = moelab.MoEConfig(hidden_size=64, intermediate_size=128, num_experts=8, top_k=2)
-        peak = widgets.probed_peak_bytes(cfg, 160, "dense_test", "float32")
-        # at least the [E, T, 2I] up projection, scaled x10 from the T=16 probe
-        assert peak >= 8 * 160 * 256 * 4
+        # no estimate registered: sized as the hungriest built-in (batched_mm's weight copies), like the sweep
+        table = widgets.guard(cfg, 160, ["batched_mm", "dense_test"], "float32", 2 ** 40)
+        rows = table.set_index("backend")
+        assert rows.loc["dense_test", "estimate"] == "assumed"
+        assert rows.loc["dense_test", "peak_bytes"] == rows.loc["batched_mm", "peak_bytes"]
+        sweep_est = bench_guard.estimate(cfg, 160, "dense_test", torch.float32)
+        assert rows.loc["dense_test", "peak_bytes"] == sweep_est.total_bytes  # one guard, the same numbers
         spy = SpyRunner()
-        ex = BackendExplorer(runner=spy, backends=("grouped_mm", "dense_test"), budget_bytes=peak - 1)
+        ex = BackendExplorer(runner=spy, backends=("grouped_mm", "dense_test"),
+                             budget_bytes=int(rows.loc["dense_test", "peak_bytes"]) - 1)
         ex.set(batch_size=10, seq_len=16)
         assert ex.run() is None and not spy.calls
-        assert "dense_test needs" in ex.message and "scaled linearly" in ex.message
-        assert ex.last_guard.set_index("backend").loc["dense_test", "estimate"] == "probed"
-        ex.seq_len.value = 8
-        assert ex.run() is not None and len(spy.calls) == 1
+        assert "dense_test" in ex.message and "no memory estimate registered" in ex.message
+        # with its own estimate (the [E, T, 2I] and [E, T, H] einsum outputs), that figure is used
+        E, H, I = 8, 64, 128
+        moelab.ExpertsInterface.register(
+            "dense_test", dense, overwrite=True,
+            memory_estimate=lambda ex_, x, idx, dropped, backward: E * x.shape[0] * (3 * I + H) * x.element_size())
+        table = widgets.guard(cfg, 160, ["dense_test"], "float32", 2 ** 40).set_index("backend")
+        assert table.loc["dense_test", "estimate"] == "registered"
+        resident = bench_guard.estimate(cfg, 160, "dense_test", torch.float32).resident_bytes
+        assert table.loc["dense_test", "peak_bytes"] == resident + E * 160 * (3 * I + H) * 4
         real = widgets.local_sweep(cfg, 2, [1, 4], ("eager", "dense_test"), min_run_time=0.005)
         assert (real["max_abs_diff_to_eager"] < 1e-5).all()
-        assert set(real.loc[real.backend == "dense_test", "peak_estimate"]) == {"probed"}
+        assert set(real.loc[real.backend == "dense_test", "peak_estimate"]) == {"registered"}
     finally:
         moelab.ExpertsInterface.unregister("dense_test")
 

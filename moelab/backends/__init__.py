@@ -16,11 +16,11 @@ choice per call) and `calibration` (the crossover tables it chooses by).
 """
 
 from ..core.registry import ExpertsInterface
-from .eager import eager_experts
-from .batched_mm import batched_mm_experts
-from .grouped_mm import grouped_mm_experts
-from .capacity import capacity_experts, expert_capacity
-from .block_aligned import BLOCK_SIZE, block_aligned_experts
+from .eager import eager_experts, eager_memory
+from .batched_mm import batched_mm_experts, batched_mm_memory
+from .grouped_mm import grouped_mm_experts, grouped_mm_memory
+from .capacity import capacity_experts, capacity_memory, expert_capacity
+from .block_aligned import BLOCK_SIZE, block_aligned_experts, block_aligned_memory
 from .grouped_matmul import force_fallback, grouped_linear, matmul_path, PATH_COUNTS
 from .cpu.workspace import release_workspace, use_workspace, workspace_bytes
 from .calibration import (AUTO_CANDIDATES, REFERENCE_BACKENDS, CrossoverTable, DEFAULT_CROSSOVERS,
@@ -28,11 +28,15 @@ from .calibration import (AUTO_CANDIDATES, REFERENCE_BACKENDS, CrossoverTable, D
                           use_crossovers)
 from .auto import auto_experts, choose
 
-ExpertsInterface.register("eager", eager_experts, overwrite=True, accepts_dropped=True)
-ExpertsInterface.register("batched_mm", batched_mm_experts, overwrite=True)
-ExpertsInterface.register("grouped_mm", grouped_mm_experts, overwrite=True, accepts_dropped=True)
-ExpertsInterface.register("capacity", capacity_experts, overwrite=True, accepts_dropped=True)
-ExpertsInterface.register("block_aligned", block_aligned_experts, overwrite=True, accepts_dropped=True)
+# memory_estimate: the bytes of each backend's big intermediates, which `Experts` checks before calling
+ExpertsInterface.register("eager", eager_experts, overwrite=True, accepts_dropped=True, memory_estimate=eager_memory)
+ExpertsInterface.register("batched_mm", batched_mm_experts, overwrite=True, memory_estimate=batched_mm_memory)
+ExpertsInterface.register("grouped_mm", grouped_mm_experts, overwrite=True, accepts_dropped=True,
+                          memory_estimate=grouped_mm_memory)
+ExpertsInterface.register("capacity", capacity_experts, overwrite=True, accepts_dropped=True,
+                          memory_estimate=capacity_memory)
+ExpertsInterface.register("block_aligned", block_aligned_experts, overwrite=True, accepts_dropped=True,
+                          memory_estimate=block_aligned_memory)
 ExpertsInterface.register("auto", auto_experts, overwrite=True, accepts_dropped=True)
 
 __all__ = [

@@ -10,6 +10,7 @@ import torch
 
 from ..core.steps import record_step
 from .autograd import needs_autograd, pair_matmul
+from .footprint import call_sizes, with_backward
 
 
 def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
@@ -59,3 +60,14 @@ def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
     final = weighted.view(num_tokens, top_k, hidden_size).sum(dim=1)  # [T, H]
     record_step("reduce", "Sum each token's k weighted outputs.", output=final)
     return final
+
+
+def batched_mm_memory(experts, hidden_states, top_k_index, dropped=None, backward=False) -> int:
+    """Bytes of batched_mm's big intermediates (the guard's estimate, `moelab.core.memory_guard`): each pair's
+    copy of its expert's weights, S * 3 * I * H elements, and its [S, ...] activations."""
+    T, k, E, H, I, b = call_sizes(experts, hidden_states, top_k_index)
+    S = T * k
+    # repeated, gathered weights, gate_up, act(gate) and the product, outputs, weighted; the [T, H] sum
+    forward = S * (3 * I * H + 3 * H + 4 * I) * b + S * 8 + T * H * b
+    # saved for backward (pair_matmul): the rows and activations, not the gathered copies
+    return with_backward(forward, S * (3 * H + 4 * I) * b, experts, b) if backward else forward

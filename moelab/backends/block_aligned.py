@@ -22,6 +22,7 @@ import torch
 
 from ..core.steps import record_step
 from .grouped_matmul import grouped_linear, matmul_path
+from .footprint import call_sizes, with_backward
 from .pairs import sum_slots
 
 BLOCK_SIZE = 16  # M: vLLM's smallest block for its fused MoE kernel; 16 rows of bf16 are 32 bytes, 16-byte aligned
@@ -117,3 +118,15 @@ def block_aligned_experts(experts, hidden_states, top_k_index, top_k_weights, dr
     final = sum_slots(pair_outputs.view(num_tokens, top_k, hidden_size))  # [T, H]
     record_step("reduce", "Sum each token's k weighted outputs.", output=final)
     return final
+
+
+def block_aligned_memory(experts, hidden_states, top_k_index, dropped=None, backward=False,
+                         block_size=BLOCK_SIZE) -> int:
+    """Bytes of block_aligned's big intermediates (the guard's estimate, `moelab.core.memory_guard`): the static
+    buffer of R = S + E * (M - 1) rows and its activations, plus the sort's int64 indices."""
+    T, k, E, H, I, b = call_sizes(experts, hidden_states, top_k_index)
+    S = T * k
+    rows = padded_rows_bound(S, E, block_size) + 1  # with the spare row
+    # buffer, gate_up, act(gate) and the product, outputs, their rows with the spare; pair rows in and out
+    forward = rows * (4 * H + 4 * I) * b + S * (2 * H * b + 6 * 8) + T * H * b
+    return with_backward(forward, rows * (3 * H + 4 * I) * b, experts, b) if backward else forward

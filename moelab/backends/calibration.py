@@ -4,9 +4,20 @@ A table holds, for each (device type, dtype, mode), a list of segments `[(upper,
 the first segment whose `upper` is None or >= x wins, where x is S itself (`unit="pairs"`) or S / num_experts,
 the pairs per expert (`unit="pairs_per_expert"`). Per expert is the default: whether the weights of E experts
 are read once (grouped_mm) or once per pair (batched_mm), and whether grouped_mm's per-group overhead pays off,
-depend on S relative to E, so one crossover then fits E=8 and E=64 alike. `mode` is "eager" for a plain call and
-"compiled" while `torch.compile` traces (then eager and dropless capacity, which cannot be captured with
-`fullgraph=True`, are never chosen). capacity is chosen only for calls where nothing drops (no `dropped` mask).
+depend on S relative to E, so one crossover then fits E=8 and E=64 alike. capacity is chosen only for calls where
+nothing drops (no `dropped` mask).
+
+The mode of a call (`MODES`):
+- "compiled" while `torch.compile` traces, with or without gradients (then eager and dropless capacity, which
+  cannot be captured with `fullgraph=True`, are never chosen);
+- "backward" for an uncompiled call that needs gradients (`moelab.backends.autograd.needs_autograd`: grad
+  enabled and an input or an expert weight requires grad; not the module's `training` flag), measured as
+  forward + backward, since a training step pays for both;
+- "eager" for any other call (inference, `torch.no_grad()`).
+A key with mode "*" is read only where no key of the call's own mode matches its device and dtype. A table with
+no rule for a "backward" call (no ".../backward" nor "*" mode key matching its device and dtype: a hand-made table, or a
+calibration stored without `backward=True`) uses `DEFAULT_CROSSOVERS`' backward rules, never its own forward
+rules (forward-only timings say little about a training step), and the reason says so.
 
 Where the table `auto` reads comes from, first hit wins:
 1. `set_crossovers(table)` / `with use_crossovers(table): ...` (e.g. one made by hand, or a test's);
@@ -37,8 +48,16 @@ AUTO_CANDIDATES = REFERENCE_BACKENDS + ("capacity",)
 # NOTE: dropless capacity sizes its buffer by the largest group, a data-dependent shape torch.compile cannot
 # capture whole, and with drops its cost follows the capacity factor, not the crossovers measured dropless
 NOT_COMPILED = ("eager", "capacity")  # never chosen while torch.compile traces
-MODES = ("eager", "compiled")
+# eager: a call without autograd; compiled: traced by torch.compile; backward: an uncompiled call that needs
+# gradients. Every candidate has a backward (tests/test_backward.py), so no backend is barred from "backward".
+MODES = ("eager", "compiled", "backward")
 UNITS = ("pairs", "pairs_per_expert")
+
+
+def call_mode(compiled: bool, backward: bool) -> str:
+    """The mode whose rules a call reads: "compiled" while traced (with or without gradients), else "backward"
+    for a call that needs gradients, else "eager"."""
+    return "compiled" if compiled else "backward" if backward else "eager"
 
 
 @dataclass
@@ -103,16 +122,25 @@ class CrossoverTable:
         raise KeyError(f"no crossover rule for {device}/{dtype}/{mode}")
 
     def choose(self, pairs: int, dtype, device, compiled: bool = False,
-               num_experts: int | None = None, drops: bool = False) -> tuple[str, str]:
+               num_experts: int | None = None, drops: bool = False, backward: bool = False) -> tuple[str, str]:
         """(backend, reason) for S = `pairs` (token, expert) pairs over `num_experts` experts.
 
         drops: whether the call gets a dropped mask (a capacity factor); capacity is then never chosen (its
         crossovers were measured dropless), nor eager or capacity while compiled: grouped_mm runs instead.
+        backward: the call needs gradients; then the "backward" rules apply, unless compiled (the "compiled" ones
+        do). Without a backward rule of its own the table defers to `DEFAULT_CROSSOVERS` (module docstring).
         """
         dtype_name = str(dtype).removeprefix("torch.")
         device_type = torch.device(device).type
-        mode = "compiled" if compiled else "eager"
-        key, segments = self.lookup(device_type, dtype_name, mode, num_experts)
+        mode = call_mode(compiled, backward)
+        try:
+            key, segments = self.lookup(device_type, dtype_name, mode, num_experts)
+        except KeyError:
+            if mode != "backward" or self is DEFAULT_CROSSOVERS:
+                raise
+            # NOTE: not this table's forward rules: forward-only crossovers are not a training step's
+            backend, reason = DEFAULT_CROSSOVERS.choose(pairs, dtype, device, False, num_experts, drops, True)
+            return backend, f"{reason}; the {self.source} table has no backward rule for {device_type}/{dtype_name}"
         if self.unit == "pairs":
             x, what = pairs, f"S={pairs}"
         else:
@@ -168,6 +196,15 @@ class CrossoverTable:
 # the three only in bfloat16 at E=8 with a few pairs per expert (by 6-14%: H=1024, I=512, AVX-512 BF16, one
 # thread; `python -m moelab bench --tokens 1,4,16,64,256 --experts 8,64 --top-k 2,8 --backends
 # eager,batched_mm,grouped_mm,capacity`, fitted by `moelab.bench.crossovers_from_sweep`).
+# Backward (calls that need gradients, timed forward + backward), measured on a 2-core AMD EPYC (lscpu: "AMD
+# EPYC", family 26 model 2; AVX-512 with avx512_bf16, no AMX), one thread, process clock, H=512, I=256:
+# `python -m moelab calibrate --tokens 1,4,16,64,256 --experts 8,64 --top-k 2,8 --hidden 512 --intermediate 256
+# --dtype float32,bfloat16 --backward yes --threads 1 --min-run-time 0.05` (the per-E rules it fitted). Indicative:
+# another job kept the other core busy (load ~1), and at S/E <= 0.5 the four backends lie within a few % and the
+# winner flips between runs; two runs agreed on these rules wherever a margin was over 5%. float32: grouped_mm at
+# every S/E (eager up to 1.9x slower, capacity up to 3x, batched_mm up to 88x at S/E=256, where it scatters S
+# weight-sized gradients). bfloat16: grouped_mm up to a few pairs per expert, then capacity (grouped_mm 4-53%
+# slower there). Other devices: the forward advice of the reference page, not measured.
 DEFAULT_CROSSOVERS = CrossoverTable(
     rules={
         "cpu/*/eager": [[0.07, "eager"], [None, "grouped_mm"]],
@@ -180,12 +217,19 @@ DEFAULT_CROSSOVERS = CrossoverTable(
         "cpu/float32/compiled/E=64": [[2.8, "batched_mm"], [None, "grouped_mm"]],
         "cpu/bfloat16/compiled/E=8": [[2.8, "batched_mm"], [None, "grouped_mm"]],
         "cpu/bfloat16/compiled/E=64": [[2.8, "batched_mm"], [None, "grouped_mm"]],
+        "cpu/*/backward": [[None, "grouped_mm"]],
+        "cpu/float32/backward/E=8": [[None, "grouped_mm"]],
+        "cpu/float32/backward/E=64": [[None, "grouped_mm"]],
+        "cpu/bfloat16/backward/E=8": [[0.5, "grouped_mm"], [None, "capacity"]],
+        "cpu/bfloat16/backward/E=64": [[4, "grouped_mm"], [None, "capacity"]],
         "*/*/eager": [[1, "batched_mm"], [None, "grouped_mm"]],
         "*/*/compiled": [[1, "batched_mm"], [None, "grouped_mm"]],
+        "*/*/backward": [[1, "batched_mm"], [None, "grouped_mm"]],  # not measured: the forward advice
     },
     unit="pairs_per_expert",
     source="default",
-    meta={"note": "CPU from BENCHMARKS.md (2 cores, AVX-512, 1 thread); other devices from the reference page"},
+    meta={"note": "CPU from BENCHMARKS.md (2 cores, AVX-512, 1 thread), backward from a calibrate --backward run "
+                  "(see the comment above); other devices from the reference page"},
 )
 
 

@@ -30,6 +30,8 @@ import math
 import torch
 
 from ..core.steps import record_step
+from ..core.memory_guard import MIN_CHECKED_BYTES
+from .footprint import call_sizes, with_backward
 from .pairs import sum_slots
 
 
@@ -121,3 +123,25 @@ def capacity_experts(experts, hidden_states, top_k_index, top_k_weights, dropped
     final = sum_slots(pair_outputs.view(num_tokens, top_k, hidden_size))  # [T, H]
     record_step("reduce", "Sum each token's k weighted outputs.", output=final)
     return final
+
+
+def capacity_memory(experts, hidden_states, top_k_index, dropped=None, backward=False) -> int:
+    """Bytes of capacity's big intermediates (the guard's estimate, `moelab.core.memory_guard`): the [E, C, ...]
+    buffer and its activations, plus the [S, ...] pair rows. Dropless, C is the largest group: bounded by T, and
+    counted from the data only when that bound would be checked (a bincount, cheaper than the call)."""
+    T, k, E, H, I, b = call_sizes(experts, hidden_states, top_k_index)
+    S = T * k
+
+    def total(capacity: int) -> int:
+        rows = E * capacity + 1  # the buffer and its spare row
+        forward = rows * (3 * H + 4 * I) * b + S * (2 * H * b + 4 * 8) + T * H * b
+        return with_backward(forward, rows * (3 * H + 4 * I) * b, experts, b) if backward else forward
+
+    factor = experts.capacity_factor_for(experts.training) if hasattr(experts, "capacity_factor_for") else None
+    if dropped is not None and factor is not None:
+        return total(min(expert_capacity(factor, T, k, E), T))
+    bound = total(T)
+    if bound < MIN_CHECKED_BYTES or top_k_index.device.type == "meta" or not top_k_index.numel():
+        return bound
+    counts = torch.bincount(top_k_index.reshape(-1), minlength=E)  # [E]
+    return total(int(counts.max()))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..core.steps import is_recording, record_step
 from .autograd import needs_autograd
+from .footprint import call_sizes, with_backward
 
 
 def eager_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=None):
@@ -53,3 +54,13 @@ def eager_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=No
         final = final + sum(t.sum() for t in inputs if t.requires_grad) * 0
     record_step("reduce", "Each token's row now holds the weighted sum of its experts' outputs.", output=final)
     return final
+
+
+def eager_memory(experts, hidden_states, top_k_index, dropped=None, backward=False) -> int:
+    """Bytes of eager's big intermediates (the guard's estimate, `moelab.core.memory_guard`): the [E, k, T]
+    int64 mask, the output, and the busiest expert's rows, at most T (a token's k choices are distinct experts)."""
+    T, k, E, H, I, b = call_sizes(experts, hidden_states, top_k_index)
+    per_row = (3 * H + 4 * I) * b  # tokens, gate_up, act(gate) and the product, outputs, weighted
+    forward = E * k * T * 8 + T * H * b + T * per_row
+    # under autograd every expert's rows stay alive for backward: S of them
+    return with_backward(forward, T * k * per_row, experts, b) if backward else forward

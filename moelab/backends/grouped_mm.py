@@ -16,6 +16,7 @@ from ..core.steps import record_step
 from .cpu import lean
 from .grouped_matmul import grouped_linear, matmul_path
 from .pairs import expert_offsets, inverse_permutation, sort_by_expert, sum_slots, tokens_per_expert
+from .footprint import call_sizes, with_backward
 
 
 def grouped_mm_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=None):
@@ -75,3 +76,13 @@ def grouped_mm_experts(experts, hidden_states, top_k_index, top_k_weights, dropp
     final = sum_slots(unsorted.view(num_tokens, top_k, hidden_size))  # [T, H]
     record_step("reduce", "Sum each token's k weighted outputs.", output=final, code_path="plain")
     return final
+
+
+def grouped_mm_memory(experts, hidden_states, top_k_index, dropped=None, backward=False) -> int:
+    """Bytes of grouped_mm's big intermediates (the guard's estimate, `moelab.core.memory_guard`): the sort's
+    int64 indices and the [S, ...] rows of the plain path (the CPU fast path makes fewer)."""
+    T, k, E, H, I, b = call_sizes(experts, hidden_states, top_k_index)
+    S = T * k
+    # perm, sorted ids, token ids; sorted rows, gate_up, act(gate) and the product, outputs, weighted, unsorted
+    forward = 4 * S * 8 + S * (4 * H + 4 * I) * b + T * H * b
+    return with_backward(forward, S * (3 * H + 4 * I) * b, experts, b) if backward else forward

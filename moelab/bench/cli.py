@@ -87,11 +87,15 @@ def add_calibrate(sub) -> None:
     _add_grid_arguments(p, backends=False)
     p.set_defaults(tokens="1,4,16,64,256,1024,2048", min_run_time=0.1)
     p.add_argument("--path", default=None, help="where to store them (default: this machine's calibration file)")
+    p.add_argument("--backward", choices=["no", "yes", "both"], default="no",
+                   help="also calibrate calls that need gradients, timed forward + backward (yes: only them; "
+                        "default %(default)s: they keep the default backward rules)")
     p.add_argument("--no-save", action="store_true", help="print the crossovers without storing them")
     p.set_defaults(func=run_calibrate)
 
 
 def _compiled(choice: str) -> tuple[bool, ...]:
+    """"no" / "yes" / "both" (--compile, calibrate's --backward) -> the values to sweep."""
     return {"no": (False,), "yes": (True,), "both": (False, True)}[choice]
 
 
@@ -156,9 +160,9 @@ def run_calibrate(args) -> int:
     try:
         table = calibrate(_tokens(args.tokens), _ints(args.experts), _ints(args.top_k), _ints(args.hidden)[0],
                           _ints(args.intermediate)[0], _names(args.dtype), _compiled(args.compile),
-                          device=args.device, num_threads=args.threads, min_run_time=args.min_run_time,
-                          memory_budget=args.memory_budget, save=not args.no_save, path=args.path,
-                          progress=not args.quiet)
+                          backward=_compiled(args.backward), device=args.device, num_threads=args.threads,
+                          min_run_time=args.min_run_time, memory_budget=args.memory_budget, save=not args.no_save,
+                          path=args.path, progress=not args.quiet)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

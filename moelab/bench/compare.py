@@ -9,6 +9,7 @@ from ..core.registry import ExpertsInterface
 from ..core.config import MoEConfig
 from ..core.dtypes import parse_dtype
 from ..core.machine import bf16_note
+from ..core.memory_guard import MemoryGuardError
 from ..layer.moe import SparseMoE
 from .analysis import FIXED_BACKENDS
 from .env import resolve_clock
@@ -19,7 +20,8 @@ def compare_backends(config: MoEConfig, num_tokens: int = 128, dtype="float32", 
                      min_run_time: float = 0.2, num_threads: int = 1, clock: str = "auto",
                      min_runs: int = 5) -> pd.DataFrame:
     """One row per backend (default `FIXED_BACKENDS`): max |output - eager output|, the largest |eager output|,
-    median time in ms of one `SparseMoE` forward, its interquartile range and the number of timed calls.
+    median time in ms of one `SparseMoE` forward, its interquartile range and the number of timed calls; `skipped`:
+    why a backend was not run (the memory guard's message: its intermediates would not fit), else "".
 
     Timed with `moelab.bench.timing.measure_interleaved`, the backends in turn (torch.utils.benchmark blocks), so
     a shared machine's drift lands in every backend alike; `clock` as in `moelab.bench.sweep` ("auto": this
@@ -39,14 +41,26 @@ def compare_backends(config: MoEConfig, num_tokens: int = 128, dtype="float32", 
     layers = {name: SparseMoE(config, name, seed=seed, dtype=dtype) for name in backends}
     # NOTE: seed + 1: drawn from the weights' own seed, x would copy the router's rows and route degenerately
     x = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    skipped = {}  # backend -> the memory guard's message: it would not fit, so it is neither run nor timed
     with torch.no_grad():
         reference = SparseMoE(config, "eager", seed=seed, dtype=dtype)(x).float()
-        diffs = {name: (moe(x).float() - reference).abs().max().item() for name, moe in layers.items()}  # + warm-up
-        timings = measure_interleaved([lambda moe=moe: moe(x) for moe in layers.values()], num_threads=num_threads,
-                                      clock=clock, min_run_time=min_run_time, min_runs=min_runs)
-    table = pd.DataFrame([{"backend": name, "max_abs_diff_to_eager": diffs[name],
-                           "max_abs_output": reference.abs().max().item(), "median_ms": timing["median_ms"],
-                           "iqr_ms": timing["iqr_ms"], "runs": timing["runs"]}
-                          for name, timing in zip(layers, timings)])
+        diffs = {}
+        for name, moe in layers.items():  # + warm-up
+            try:
+                diffs[name] = (moe(x).float() - reference).abs().max().item()
+            except MemoryGuardError as err:
+                skipped[name] = str(err)
+        timed = [name for name in layers if name not in skipped]
+        timings = dict(zip(timed, measure_interleaved([lambda moe=layers[name]: moe(x) for name in timed],
+                                                      num_threads=num_threads, clock=clock,
+                                                      min_run_time=min_run_time, min_runs=min_runs))) if timed else {}
+    nan = float("nan")
+    table = pd.DataFrame([{"backend": name, "max_abs_diff_to_eager": diffs.get(name, nan),
+                           "max_abs_output": reference.abs().max().item(),
+                           "median_ms": timings[name]["median_ms"] if name in timings else nan,
+                           "iqr_ms": timings[name]["iqr_ms"] if name in timings else nan,
+                           "runs": timings[name]["runs"] if name in timings else 0,
+                           "skipped": skipped.get(name, "")}
+                          for name in layers])
     table.attrs["bf16_note"] = bf16_note(dtype)
     return table

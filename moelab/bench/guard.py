@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -23,6 +24,7 @@ from .. import memory
 from ..memory.estimate import capacity_factor_of
 from ..core.machine import available_memory  # noqa: F401  (bytes free now; moelab.bench exports it)
 from ..backends.auto import choose
+from ..core.registry import ExpertsInterface
 
 DEFAULT_FRACTION = 0.5  # of the memory available when the sweep starts
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6, "mib": 2 ** 20,
@@ -102,10 +104,25 @@ def backend_peak(config, num_tokens: int, backend: str, dtype, *, device="cpu",
                          + (f", so C = {num_tokens}" if name == "capacity" else ""))
         peak = memory.analytic(config, num_tokens, name, dtype, router=False, tokens_per_expert=counts).peak_bytes
         return int(peak), "; ".join(notes)
-    # a user's backend: no model; assume it is no worse than the worse of the two that copy no weights
-    peak = max(int(memory.analytic(config, num_tokens, b, dtype, router=False).peak_bytes)
-               for b in ("eager", "grouped_mm"))
-    return peak, f"no memory model for {backend!r}: assumed like eager/grouped_mm"
+    registered = ExpertsInterface.memory_estimate(name) if name in ExpertsInterface.names() else None
+    if registered is not None:  # a user's backend with its own estimate: asked on meta tensors, nothing allocated
+        experts, hidden_states, top_k_index = meta_call(config, num_tokens, dtype)
+        return int(registered(experts, hidden_states, top_k_index, None, False)), f"{backend!r}'s registered estimate"
+    # NOTE: a user's backend without an estimate could allocate anything: size it as the hungriest built-in
+    # (batched_mm's weight copies, eager's worst routing), never as a cheap one, so the guard errs on the safe side
+    peak = max(backend_peak(config, num_tokens, b, dtype, device=device)[0] for b in memory.MODELLED_BACKENDS)
+    return peak, (f"no memory estimate registered for {backend!r}: sized as the hungriest built-in backend "
+                  "(register one: ExpertsInterface.register(..., memory_estimate=fn))")
+
+
+def meta_call(config, num_tokens: int, dtype):
+    """(experts, hidden_states [T, H], top_k_index [T, k]) on the meta device: the shapes of a call, no data."""
+    E, H, I, k = config.num_experts, config.hidden_size, config.intermediate_size, config.top_k
+    experts = SimpleNamespace(gate_up_proj=torch.empty(E, 2 * I, H, dtype=dtype, device="meta"),
+                              down_proj=torch.empty(E, H, I, dtype=dtype, device="meta"), training=False,
+                              capacity_factor_for=lambda training: capacity_factor_of(config, training))
+    return (experts, torch.empty(num_tokens, H, dtype=dtype, device="meta"),
+            torch.empty(num_tokens, k, dtype=torch.int64, device="meta"))
 
 
 def estimate(config, num_tokens: int, backend: str, dtype, *, device="cpu", compiled: bool = False,

@@ -312,8 +312,9 @@ def _prepare_one(base, lib, name, comp, b, s, moe, hf_module, x, top_k_index, to
     if comp:
         extra.update(compile_mode=compile_mode or "default", fullgraph=fullgraph)
     if name == "auto":
-        extra["chosen"] = choose(top_k_index.numel(), x.dtype, x.device, comp,
-                                              moe.config.num_experts)[0]
+        # timing forward + backward, the call needs gradients: auto reads its "backward" rules (unless compiled)
+        extra["chosen"] = choose(top_k_index.numel(), x.dtype, x.device, comp, moe.config.num_experts,
+                                 backward=backward)[0]
     try:
         fn, experts = _call(lib, name, moe, hf_module, comp, fullgraph, compile_mode)
         with torch.no_grad():

@@ -91,11 +91,63 @@ def cpu_description() -> str:
             f"{os.cpu_count()} cores")
 
 
-def available_memory(device="cpu") -> int:
-    """Bytes free for new tensors now: MemAvailable on Linux CPUs, free device memory on CUDA."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+def _read_int(path: str) -> int | None:
+    """The integer in a one-line file (cgroup's memory.max), None when missing or 'max' (no limit)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def cgroup_headroom(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroup may still take (limit - usage), None without a limit.
+
+    cgroup v2 (`memory.max`, `memory.current` of the process's own cgroup, then the root), else v1's
+    `memory.limit_in_bytes` - `memory.usage_in_bytes`; v1 writes a huge number for "no limit"."""
+    candidates = []
+    try:
+        with open(proc_cgroup) as f:
+            for line in f:
+                if line.startswith("0::"):  # the v2 hierarchy
+                    candidates.append(root + line.split("::", 1)[1].strip().rstrip("/"))
+    except OSError:
+        pass
+    candidates.append(root)
+    for group in candidates:
+        limit = _read_int(f"{group}/memory.max")
+        if limit is not None:
+            return max(0, limit - (_read_int(f"{group}/memory.current") or 0))
+    limit = _read_int(f"{root}/memory/memory.limit_in_bytes")
+    if limit is not None and limit < 2 ** 60:
+        return max(0, limit - (_read_int(f"{root}/memory/memory.usage_in_bytes") or 0))
+    return None
+
+
+def address_space_headroom() -> int | None:
+    """Bytes of address space left under `RLIMIT_AS` (`ulimit -v`): the soft limit - VmSize, None without one.
+    A big tensor fails there first, however much memory is free."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, ValueError, OSError):
+        return None
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return max(0, soft - int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return soft
+
+
+def system_available_memory() -> int:
+    """MemAvailable on Linux (the kernel's estimate of what new allocations can take without swapping)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -109,3 +161,13 @@ def available_memory(device="cpu") -> int:
         return int(psutil.virtual_memory().available)
     except ImportError:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def available_memory(device="cpu") -> int:
+    """Bytes this process can take for new tensors now: on a CPU the least of the system's available memory, the
+    cgroup's headroom and the address space left under `ulimit -v`; on CUDA the device's free memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    limits = [system_available_memory(), cgroup_headroom(), address_space_headroom()]
+    return min(v for v in limits if v is not None)

@@ -9,6 +9,8 @@ from ..core.activations import get_activation
 from ..core.registry import ExpertsInterface
 from ..core.config import MoEConfig
 from ..core.dtypes import DTYPES
+from ..core.memory_guard import check_experts_call
+from ..backends.autograd import needs_autograd
 
 
 class Experts(nn.Module):
@@ -75,8 +77,14 @@ class Experts(nn.Module):
                         ("top_k_weights", top_k_weights)):
             if t.device != self.gate_up_proj.device:
                 raise ValueError(f"{name} is on {t.device} but the experts' weights are on {self.gate_up_proj.device}")
-        # NOTE: value checks read the data (a host sync), so they are skipped while torch.compile traces.
-        if not torch.compiler.is_compiling() and top_k_index.numel():
+        if torch.compiler.is_compiling():
+            # NOTE: reading the values is a host sync, which torch.compile cannot trace; an async assert compiles
+            # into the graph (a RuntimeError at run time, on CPU at once), so a bad index never runs unchecked
+            # (compiled grouped_mm would read out of its groups: garbage or NaN in bfloat16, a lost pair in float32)
+            in_range = ((top_k_index >= 0) & (top_k_index < self.num_experts)).all()
+            torch._assert_async(in_range, f"top_k_index values must be in [0, num_experts = {self.num_experts}) "
+                                          "(checked inside the compiled graph, which cannot show the values)")
+        elif top_k_index.numel():
             low, high = torch.aminmax(top_k_index)
             if low < 0 or high >= self.num_experts:
                 raise ValueError(f"top_k_index values must be in [0, num_experts = {self.num_experts}), "
@@ -102,10 +110,14 @@ class Experts(nn.Module):
                                "for every input; use torch.compile or torch.export, which keep it data-dependent")
         top_k_index = self.check_inputs(hidden_states, top_k_index, top_k_weights)
         backend = ExpertsInterface.get(self.experts_implementation)
+        if dropped is not None:
+            self.check_dropped(dropped, top_k_index)
+        # before the backend allocates: its registered estimate against the memory this process may take
+        check_experts_call(self.experts_implementation, self, hidden_states, top_k_index, dropped,
+                           needs_autograd(self, hidden_states, top_k_weights))
         if dropped is None:
             output = backend(self, hidden_states, top_k_index, top_k_weights)  # [T, H]
         else:
-            self.check_dropped(dropped, top_k_index)
             # NOTE: zeroed for every backend, so a dropped pair never counts even if a caller left its weight
             top_k_weights = top_k_weights.masked_fill(dropped, 0.0)
             if ExpertsInterface.accepts_dropped(self.experts_implementation):

@@ -9,15 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def format_bytes(num_bytes: float) -> str:
-    """1536 -> '1.5 KiB'; binary units, as `torch.cuda.memory_summary` prints them."""
-    value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+from ..core.memory_guard import format_bytes  # noqa: F401  (its home is core; memory exports it)
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,7 @@ class BackendExplorer:
         table = self.check()
         parts = []
         for row in table.itertuples():
-            peak = format_bytes(row.peak_bytes) + (" (probed)" if row.estimate == "probed" else "")
+            peak = format_bytes(row.peak_bytes) + (f" ({row.estimate})" if row.estimate not in ("analytic",) else "")
             parts.append(f"{row.backend} {peak}" + ("" if row.fits else " (over budget)"))
         color = "#555" if table["fits"].all() else "#b00020"
         self._set_status(f"largest call T={table['num_tokens'].iloc[0]}: " + ", ".join(parts)

@@ -4,7 +4,8 @@ The explorer measures with `moelab.bench.sweep` (`bench_sweep`, and `local_sweep
 memory measurement) and refuses over-budget configurations with the bench's own memory guard (`guard`), so a
 learner's Run and a headless benchmark agree on what they measure and refuse: there is one sweep and one timing
 helper (`moelab.bench.timing`) in the package, and the widgets have none of their own. A backend without a memory
-model (your own) is probed at a few tokens and scaled (`probed_peak_bytes`). Everything here takes and returns
+model (your own) is sized by its registered `memory_estimate`, else as the hungriest built-in; nothing big is
+built to preview (`probed_peak_bytes` measures a real call, for a notebook that wants to). Everything here takes and returns
 plain values and DataFrames.
 """
 
@@ -56,40 +57,35 @@ def probed_peak_bytes(config: MoEConfig, num_tokens: int, backend: str, dtype, p
 
 
 def estimate_peak_bytes(config: MoEConfig, num_tokens: int, backend: str, dtype) -> tuple[int, str]:
-    """(peak bytes of one call, 'analytic' or 'probed'): the memory model where there is one, else a probe."""
-    try:
+    """(peak bytes of one call, how): 'analytic' (the memory model), 'registered' (the backend's own
+    `memory_estimate`) or 'assumed' (neither: sized as the hungriest built-in). The bench guard's figure; nothing
+    is allocated to find it."""
+    if backend in MODELLED_BACKENDS or backend == "auto":
         return analytic(config, num_tokens, backend, parse_dtype(dtype)).peak_bytes, "analytic"
-    except ValueError:  # no memory model for this backend
-        return probed_peak_bytes(config, num_tokens, backend, dtype), "probed"
+    peak, note = bench_guard.backend_peak(config, num_tokens, backend, parse_dtype(dtype))
+    how = "assumed" if "no memory estimate" in note else "registered" if "registered" in note else "analytic"
+    return peak, how
 
 
 def guard(config: MoEConfig, num_tokens: int, backends: Sequence[str], dtype, budget_bytes: int,
           compiled: bool = False) -> pd.DataFrame:
     """The memory guard: the bytes one measurement at `num_tokens` tokens needs, per backend, against the budget.
 
-    For the backends with a memory model (`moelab.memory.MODELLED_BACKENDS`, and `auto`, which runs one of them)
-    this is `moelab.bench`'s own guard estimate (resident weights and inputs + the analytic peak of the call), so
-    the explorer refuses exactly what a sweep would skip. A backend without a model (your own) is measured at a
-    few tokens and scaled linearly (`probed_peak_bytes`). Nothing big ever runs to find out. Columns: backend,
-    num_tokens, peak_bytes, estimate ('analytic' or 'probed'), budget_bytes, fits, reason ('' when it fits).
+    This is `moelab.bench`'s own guard estimate for every backend (resident weights and inputs + the peak of the
+    call: analytic for the built-ins and `auto`, the backend's registered `memory_estimate` for yours, else the
+    hungriest built-in's), so the explorer refuses exactly what a sweep would skip, and nothing is built or run to
+    find out. Columns: backend, num_tokens, peak_bytes, estimate ('analytic', 'registered' or 'assumed'),
+    budget_bytes, fits, reason ('' when it fits).
     """
     torch_dtype = parse_dtype(dtype)
     rows = []
     for name in backends:
-        if name in MODELLED_BACKENDS or name == "auto":
-            est = bench_guard.estimate(config, num_tokens, name, torch_dtype, compiled=compiled)
-            peak, how = est.total_bytes, "analytic"
-            what = (f"{name}{' compiled' if compiled else ''} at T={num_tokens} tokens (E={config.num_experts}, "
-                    f"k={config.top_k}, {str(torch_dtype).removeprefix('torch.')})")
-            reason = bench_guard.check(est, budget_bytes, what) or ""
-        else:
-            peak, how = estimate_peak_bytes(config, num_tokens, name, torch_dtype)
-            source = ("analytic peak" if how == "analytic"
-                      else f"measured at T={min(num_tokens, PROBE_TOKENS)} and scaled linearly")
-            reason = "" if peak <= budget_bytes else (
-                f"{name} needs {format_bytes(peak)} at T={num_tokens} tokens ({source}), over the budget of "
-                f"{format_bytes(budget_bytes)}")
-        rows.append({"backend": name, "num_tokens": num_tokens, "peak_bytes": peak, "estimate": how,
+        est = bench_guard.estimate(config, num_tokens, name, torch_dtype, compiled=compiled)
+        _, how = estimate_peak_bytes(config, num_tokens, name, torch_dtype)
+        what = (f"{name}{' compiled' if compiled else ''} at T={num_tokens} tokens (E={config.num_experts}, "
+                f"k={config.top_k}, {str(torch_dtype).removeprefix('torch.')})")
+        reason = bench_guard.check(est, budget_bytes, what) or ""
+        rows.append({"backend": name, "num_tokens": num_tokens, "peak_bytes": est.total_bytes, "estimate": how,
                      "budget_bytes": budget_bytes, "fits": not reason, "reason": reason})
     return pd.DataFrame(rows)
 
