@@ -174,3 +174,28 @@ def test_the_layer_takes_t_h_and_b_s_h_and_names_anything_else(problem, shape):
     with pytest.raises(ValueError, match="hidden_states must have shape") as info:
         moe(x)
     assert raised_in_moelab(info.value)
+
+
+@settings(deadline=None, derandomize=True, database=None, max_examples=30)
+@given(backend=st.sampled_from(moelab.ExpertsInterface.names()), num_tokens=st.integers(2 * 10 ** 6, 8 * 10 ** 6),
+       budget_mib=st.integers(64, 256))
+def test_a_call_too_big_for_memory_is_the_memory_guard_error_before_anything_is_allocated(backend, num_tokens,
+                                                                                          budget_mib):
+    """Any backend, any T too big for a drawn budget: MemoryGuardError from moelab's check, naming the backend
+    and the switch that turns the guard off. The inputs are expanded views (the checks before the guard take
+    O(T * k) bytes, a few MiB here; every estimate is above 256 MiB at these T)."""
+    from unittest import mock
+
+    experts = make_moe(H, I, E, K, backend=backend).experts
+    x = torch.randn(1, H).expand(num_tokens, H)  # [T, H]: one row seen T times, no T * H bytes
+    top_k_index = torch.tensor([[0, 1]]).expand(num_tokens, K)  # [T, k]
+    top_k_weights = torch.full((1, K), 0.5).expand(num_tokens, K)  # [T, k]
+    with mock.patch("moelab.core.memory_guard.available_memory", return_value=budget_mib * 2 ** 20):
+        with pytest.raises(moelab.MemoryGuardError) as info:
+            experts(x, top_k_index, top_k_weights)
+    error = info.value
+    assert error.needed_bytes > error.budget_bytes == budget_mib * 2 ** 20
+    assert error.num_tokens == num_tokens and error.max_tokens < num_tokens
+    assert error.backend in str(error) and "MOELAB_MEMORY_GUARD" in str(error)
+    assert backend == "auto" or error.backend == backend  # auto names the backend it chose
+    assert raised_in_moelab(error), "".join(traceback.format_exception(error))
