@@ -90,6 +90,21 @@ class SparseMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, return_router_output: bool = False):
         """hidden_states [T, H] or [B, S, H] -> same shape; with `return_router_output`, (output, RouterOutput)."""
+        self.check_hidden_states(hidden_states)
+        flat = hidden_states.reshape(-1, self.config.hidden_size)  # [T, H]
+        routing = self.route(flat)
+        output = self.routed_experts(flat, routing)  # [T, H]
+        if self.shared_expert is not None:
+            shared_output = self.shared_expert(flat)  # [T, H]
+            shared_gate = F.sigmoid(self.shared_expert_gate(flat))  # [T, 1]
+            record_step("shared_expert", "Every token also goes through the shared expert, scaled by a sigmoid gate "
+                        "and added to the routed output.", shared_output=shared_output, shared_gate=shared_gate)
+            output = output + shared_gate * shared_output  # [T, H], as Qwen2-MoE adds it
+        output = output.view(hidden_states.shape)
+        return (output, routing) if return_router_output else output
+
+    def check_hidden_states(self, hidden_states) -> None:
+        """A clear ValueError for anything but a [T, H] or [B, S, H] tensor of the layer's dtype."""
         hidden_size = self.config.hidden_size
         if not isinstance(hidden_states, torch.Tensor):
             raise ValueError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
@@ -102,25 +117,22 @@ class SparseMoE(nn.Module):
         if hidden_states.dtype != self.router.weight.dtype:
             raise ValueError(f"hidden_states dtype {hidden_states.dtype} does not match the layer's weights "
                              f"({self.router.weight.dtype}); cast the input or the module with .to(dtype)")
-        flat = hidden_states.reshape(-1, hidden_size)  # [T, H]
+
+    def route(self, flat: torch.Tensor) -> RouterOutput:
+        """flat [T, H] -> the router's choice, recorded as the `route` step."""
         routing: RouterOutput = self.router(flat)
-        has_capacity = self.router.has_capacity()
         derived = {"tokens_per_expert": lambda: self.count_per_expert(routing.top_k_index)}
         drops = {}
-        if has_capacity:  # shown only where pairs can drop, so dropless traces keep their steps
+        if self.router.has_capacity():  # shown only where pairs can drop, so dropless traces keep their steps
             drops["kept"] = ~routing.dropped  # [T, k]
             derived["dropped_per_expert"] = lambda: self.count_per_expert(routing.top_k_index[routing.dropped])
         record_step("route", "The router scores every expert, keeps the top k per token and renormalises"
-                    + ("; pairs over an expert's capacity drop (weight 0)." if has_capacity else "."),
+                    + ("; pairs over an expert's capacity drop (weight 0)." if drops else "."),
                     router_logits=routing.router_logits, router_probs=routing.router_probs,
                     top_k_index=routing.top_k_index, top_k_weights=routing.top_k_weights, **drops, derived=derived)
-        output = self.experts(flat, routing.top_k_index, routing.top_k_weights,
-                              routing.dropped if has_capacity else None)  # [T, H]
-        if self.shared_expert is not None:
-            shared_output = self.shared_expert(flat)  # [T, H]
-            shared_gate = F.sigmoid(self.shared_expert_gate(flat))  # [T, 1]
-            record_step("shared_expert", "Every token also goes through the shared expert, scaled by a sigmoid gate "
-                        "and added to the routed output.", shared_output=shared_output, shared_gate=shared_gate)
-            output = output + shared_gate * shared_output  # [T, H], as Qwen2-MoE adds it
-        output = output.view(hidden_states.shape)
-        return (output, routing) if return_router_output else output
+        return routing
+
+    def routed_experts(self, flat: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """flat [T, H] -> the weighted sum of each token's k experts [T, H] (the experts backend's call)."""
+        dropped = routing.dropped if self.router.has_capacity() else None  # [T, k] or None
+        return self.experts(flat, routing.top_k_index, routing.top_k_weights, dropped)
