@@ -2,10 +2,12 @@
 
     python benchmarks/run_benchmarks.py             # measure (~35 minutes on 2 cores, one thread) and write
     python benchmarks/run_benchmarks.py --reuse     # rewrite BENCHMARKS.md from the sweeps saved last time
+    python benchmarks/run_benchmarks.py --only-backward   # re-measure the forward + backward sweep only
 
 It runs (1) the default sweep, moelab and transformers side by side on identical weights, with the dense limit
 and the bare grouped GEMMs; (2) the same grid with every backend compiled (inductor, fullgraph where possible),
-the uncompiled backends timed again beside them;
+the uncompiled backends timed again beside them; (3) forward + backward on a smaller grid (a training step costs
+about 3x a forward), moelab and transformers side by side with the dense forward + backward limit;
 then compares moelab with transformers, with the dense limit, `auto` with the fastest fixed backend, and checks
 the reference page's CPU claims. docs/compile_table.md has its own command: benchmarks/compile_table.py.
 """
@@ -57,6 +59,21 @@ def measure(args, only_compiled: bool = False) -> tuple[pd.DataFrame, pd.DataFra
     return default, compiled
 
 
+# forward + backward: the backward issue's grid, smaller than the forward one
+BACKWARD_GRID = dict(tokens=(128, 1024), num_experts=(8, 64), top_k=(2, 8), hidden_size=512, intermediate_size=256,
+                     dtypes=("float32", "bfloat16"))
+
+
+def measure_backward(args) -> pd.DataFrame:
+    started = time.time()
+    table = bench.sweep(bench.DEFAULT_BACKENDS, compiled=(False,), transformers=True, backward=True,
+                        measure_memory=False, min_run_time=args.min_run_time, num_threads=1, progress=True,
+                        **BACKWARD_GRID)
+    table.attrs["environment"]["elapsed_s"] = time.time() - started
+    bench.save(table, OUT / "backward")
+    return table
+
+
 def write_plots(default: pd.DataFrame, compiled: pd.DataFrame | None) -> dict[str, str]:
     figures = {}
     for dtype in dict.fromkeys(default["dtype"]):
@@ -86,20 +103,28 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-compiled", action="store_true", help="no compiled sweep")
     parser.add_argument("--only-compiled", action="store_true",
                         help="re-measure the compiled sweep only, reusing the saved default sweep")
+    parser.add_argument("--only-backward", action="store_true",
+                        help="re-measure the forward + backward sweep only, reusing the saved forward sweeps")
+    parser.add_argument("--skip-backward", action="store_true", help="no forward + backward sweep")
     parser.add_argument("--tokens", default=None, help="override the token grid (e.g. 1,16 for a smoke run)")
     parser.add_argument("--min-run-time", type=float, default=0.2)
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    if args.reuse:
+    saved_backward = OUT / "backward" / "sweep.json"
+    if args.reuse or args.only_backward:
         default = bench.load(OUT / "default" / "sweep.json")
         path = OUT / "compiled" / "sweep.json"
         compiled = bench.load(path) if path.exists() and not args.skip_compiled else None
     else:
         default, compiled = measure(args, only_compiled=args.only_compiled)
+    if args.only_backward or not (args.reuse or args.skip_backward or args.only_compiled):
+        backward = measure_backward(args)
+    else:
+        backward = bench.load(saved_backward) if saved_backward.exists() and not args.skip_backward else None
     images = write_plots(default, compiled)
     command = "python benchmarks/run_benchmarks.py"
-    Path(args.out).write_text(markdown(default, compiled, images, command))
+    Path(args.out).write_text(markdown(default, compiled, images, command, backward=backward))
     print(f"wrote {args.out} and {len(images)} plots under {OUT}")
     return 0
 

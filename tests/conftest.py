@@ -28,6 +28,7 @@ SLOW = {  # test functions that take more than about a second on 2 cores (subpro
     "test_over_budget_configuration_is_refused_with_the_reason_and_runs_nothing",
     "test_moving_a_slider_and_clicking_run_changes_table_and_figure", "test_lint_imports_keeps_the_layer_contract",
     "test_compare_cli_prints_the_note_where_bf16_is_emulated", "test_expert_parallel_matches_the_single_process_layer",
+    "test_the_forward_backward_section_is_computed_from_its_sweep",
     "test_a_failing_rank_is_named_and_its_waiting_peer_is_killed", "test_a_hang_past_the_timeout_is_killed_not_waited_for",
 }
 

@@ -402,6 +402,27 @@ def test_report_is_computed_from_the_sweep():
     assert "hidden 16, expert-intermediate 32, dtypes float32" in text
 
 
+def test_the_forward_backward_section_is_computed_from_its_sweep():
+    from moelab.bench import analysis
+    from moelab.bench.report import markdown
+
+    t = bench.sweep(tokens=[4, 8], num_experts=[4], top_k=[2], hidden_size=[16], intermediate_size=[32],
+                    dtypes=["float32"], transformers=True, min_run_time=0.01, measure_memory=False, progress=False)
+    b = bench.sweep(tokens=[4, 8], num_experts=[4], top_k=[2], hidden_size=[16], intermediate_size=[32],
+                    dtypes=["float32"], transformers=True, backward=True, min_run_time=0.01, measure_memory=False,
+                    progress=False)
+    assert "## 8. Forward + backward" not in markdown(t, None, {}, min_pairs=0)
+    text = markdown(t, None, {}, min_pairs=0, backward=b)
+    section = text[text.index("## 8. Forward + backward"):]
+    for backend in ("eager", "batched_mm", "grouped_mm"):  # the backward sweep's own ratios, not the forward's
+        r = analysis.ratio_table(b, backend, f"hf:{backend}")
+        assert f"| `{backend}` | {len(r)} | {r.ratio.median():.3f} | {r.ratio.max():.3f} |" in section
+    frac = analysis.dense_fractions(b, 1).set_index("num_tokens")
+    assert f"| float32 | 4 | 2 | 8 | 16 | {frac.loc[8, 'grouped_mm']:.0%} | {frac.loc[8, 'eager']:.0%} |" in section
+    # every target names its verdict; no shape of this tiny grid reaches S >= 8192
+    assert section.count("**not measured**") == 3
+
+
 def test_compiled_variants_are_judged_within_one_run(table):
     from moelab.bench.report_sections import compiled_run
 

@@ -264,6 +264,19 @@ def test_compare_cli_prints_the_note_where_bf16_is_emulated(monkeypatch, capsys,
     assert (machine.bf16_emulation_note(False) in out) is (dtype == "bfloat16")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_cli_prints_the_note_where_bf16_is_emulated(monkeypatch, capsys, tmp_path, dtype):
+    from moelab.cli import main
+
+    _cpu(monkeypatch, {"avx2", "fma"}, onednn=False)
+    assert main(["bench", "--tokens", "4", "--hidden", "16", "--intermediate", "8", "--experts", "4", "--top-k", "2",
+                 "--dtype", dtype, "--backends", "eager", "--min-run-time", "0.01", "--no-memory", "--no-plots",
+                 "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "median time per call" in out  # the table printed
+    assert (machine.bf16_emulation_note(False) in out) is (dtype == "bfloat16")
+
+
 def test_the_explorer_shows_the_note_while_bfloat16_is_selected(monkeypatch):
     from moelab.widgets import BackendExplorer
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..core.machine import bf16_note
 from . import io, plots
 from .calibrate import calibrate
 from .sweep import DEFAULT_BACKENDS, DEFAULT_GRID, sweep
@@ -125,6 +126,9 @@ def run_bench(args) -> int:
         print(io.summary(table, "median_ms").to_string(float_format=lambda v: f"{v:.4g}"))
         print("\nfraction of the dense limit (dense time / backend time)")
         print(io.summary(table, "frac_dense").to_string(float_format=lambda v: f"{v:.3f}"))
+    note = bf16_note("bfloat16") if env["device"].startswith("cpu") and (table["dtype"] == "bfloat16").any() else None
+    if note:  # the bfloat16 times above are this CPU's emulation
+        print(f"\nnote: {note}")
     not_ok = table[table["status"] != "ok"]
     if len(not_ok):
         print(f"\n{len(not_ok)} of {len(table)} measurements not run:")

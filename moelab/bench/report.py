@@ -13,7 +13,7 @@ from ..hf.inspect_adapter import NAMESAKE_BACKENDS
 from ..memory import format_bytes
 from . import analysis
 from .io import label
-from .report_sections import (compiled_run, pct, section_auto, section_claims, section_dense,
+from .report_sections import (compiled_run, pct, section_auto, section_backward, section_claims, section_dense,
                               section_transformers, shape_text, span)
 
 
@@ -117,9 +117,11 @@ def _under_heading(section: list[str], caveat: list[str]) -> list[str]:
 
 
 def markdown(default: pd.DataFrame, compiled: pd.DataFrame | None = None, images: dict[str, str] | None = None,
-             command: str = "python benchmarks/run_benchmarks.py", min_pairs: int = 4096) -> str:
+             command: str = "python benchmarks/run_benchmarks.py", min_pairs: int = 4096,
+             backward: pd.DataFrame | None = None) -> str:
     """BENCHMARKS.md from the default sweep (uncompiled, run with `transformers=True, gemm_bound=True`) and the
-    compiled one; `images`: {file name: path} of the plots to show; `min_pairs`: where "large S" starts."""
+    compiled one; `images`: {file name: path} of the plots to show; `min_pairs`: where "large S" starts;
+    `backward`: the forward + backward sweep (`backward=True, transformers=True`), its own section when given."""
     images = images or {}
     env = default.attrs["environment"]
     cenv = compiled.attrs["environment"] if compiled is not None else {}
@@ -181,6 +183,11 @@ def markdown(default: pd.DataFrame, compiled: pd.DataFrame | None = None, images
               "S·3·I·H weight elements — that is the algorithm.",
               "- `eager`: `index_select` for the per-expert token gather.",
               ""]
+    if backward is not None:
+        benv = backward.attrs["environment"]
+        machine = (f"{benv['device_name']} ({benv['cpu_capability']}"
+                   + (f", {bf16_status(benv)}" if bf16_status(benv) else "") + ")")
+        lines += _under_heading(section_backward(backward, machine), bf16_caveat(benv, backward))
     return "\n".join(lines)
 
 

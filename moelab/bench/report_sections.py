@@ -43,8 +43,9 @@ def compiled_run(default, compiled):
     return pd.concat([default, compiled], ignore_index=True)
 
 
-def section_transformers(default) -> list[str]:
-    lines = ["## 1. moelab vs transformers, side by side", "",
+def section_transformers(default, heading: str = "## 1. moelab vs transformers, side by side",
+                         sweep_name: str = "the default sweep") -> list[str]:
+    lines = [heading, "",
              "Each moelab backend against transformers' same-named one, in the same run, same thread, identical "
              "weights (copied 1:1) and identical routing. ratio = moelab median / transformers median; a ratio "
              "above 1.0 whose interquartile ranges overlap counts as equal (the machine is shared).", "",
@@ -64,8 +65,8 @@ def section_transformers(default) -> list[str]:
     slower = slower[slower["verdict"] == "slower"]
     lines.append("")
     if slower.empty:
-        lines.append("**Target met:** no moelab backend is slower than transformers' at any measured shape of the "
-                     "default sweep (beyond overlapping interquartile ranges).")
+        lines.append("**Target met:** no moelab backend is slower than transformers' at any measured shape of "
+                     f"{sweep_name} (beyond overlapping interquartile ranges).")
     else:
         lines.append(f"**Target missed at {len(slower)} shape(s)** (ratio > 1, IQRs apart):")
         for _, r in slower.iterrows():
@@ -251,3 +252,54 @@ def section_claims(default, compiled) -> list[str]:
               "[docs/compile_table.md](docs/compile_table.md).", ""]
     return lines
 
+
+
+def section_backward(backward, machine: str, min_pairs: int = 8192) -> list[str]:
+    """Forward + backward: the transformers comparison of section 1 on the backward sweep, the dense
+    forward + backward limit, and the backward issue's targets, each met or missed; `machine`: the CPU, in words."""
+    env = backward.attrs["environment"]
+    lines = ["## 8. Forward + backward (a training step's experts)", "",
+             "One call of the experts forward and its backward (`out.backward(grad)`: gradients of hidden_states, "
+             "top_k_weights and both weight tensors), on the backward issue's grid, smaller than the forward one "
+             f"(a training step costs about 3x a forward): T ∈ {sorted(backward['num_tokens'].unique().tolist())}, "
+             f"E ∈ {sorted(backward['num_experts'].unique().tolist())}, k ∈ "
+             f"{sorted(backward['top_k'].unique().tolist())}, H = {backward['hidden_size'].iloc[0]}, "
+             f"I = {backward['intermediate_size'].iloc[0]}, dtypes {sorted(backward['dtype'].unique().tolist())}. "
+             f"Measured {env['time']} on {machine}, one thread, clock = {env['clock']}, "
+             f"{env.get('elapsed_s', 0) / 60:.0f} min; load average before {_load_avg(env.get('load_average'))}, "
+             f"after {_load_avg(env.get('load_average_after'))}. Raw data: "
+             "[docs/bench/backward/sweep.csv](docs/bench/backward/sweep.csv).", ""]
+    lines += section_transformers(backward, "### 8.1 moelab vs transformers, forward + backward",
+                                  "the forward + backward sweep")
+    frac = analysis.dense_fractions(backward, 1)
+    lines += ["### 8.2 The dense forward + backward limit", "",
+              "Fraction = (time of the dense matmul pair doing the same useful FLOPs, forward + backward) / (backend "
+              "time, forward + backward).", "",
+              "| dtype | E | k | T | S | moelab grouped_mm | moelab eager | moelab batched_mm | hf grouped_mm | "
+              "hf eager |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for _, r in frac.sort_values(["dtype", "num_experts", "top_k", "num_tokens"]).iterrows():
+        lines.append(f"| {r['dtype']} | {r['num_experts']} | {r['top_k']} | {r['num_tokens']} | {r['pairs']} | "
+                     f"{pct(r.get('grouped_mm'))} | {pct(r.get('eager'))} | {pct(r.get('batched_mm'))} | "
+                     f"{pct(r.get('hf:grouped_mm'))} | {pct(r.get('hf:eager'))} |")
+    lines += ["", "### 8.3 The backward issue's targets", ""]
+    fp32 = frac[frac["dtype"] == "float32"]
+    large = fp32[fp32["pairs"] >= min_pairs]
+    targets = [("grouped_mm", large, 0.75, f"float32, S ≥ {min_pairs}"),
+               ("eager", large, 0.60, f"float32, S ≥ {min_pairs}"),
+               ("eager", fp32[(fp32["num_experts"] == 64) & (fp32["pairs"] == 1024)], 0.30,
+                "float32, E = 64, S = 1024")]
+    for backend, part, goal, where in targets:
+        values = part.get(backend, pd.Series(dtype=float)).dropna()
+        if values.empty:
+            lines.append(f"- `{backend}` ≥ {goal:.0%} of the dense limit at {where}: **not measured** (no such shape "
+                         "in this sweep).")
+            continue
+        verdict = "met" if (values >= goal).all() else f"missed at {(values < goal).sum()} of {len(values)}"
+        lines.append(f"- `{backend}` ≥ {goal:.0%} of the dense limit at {where}: {span(values, pct)} — "
+                     f"**{verdict}**.")
+    lines.append("")
+    return lines
+
+
+def _load_avg(v) -> str:
+    return ", ".join(f"{x:.2f}" for x in v) if v else "n/a"
