@@ -3,7 +3,7 @@
 #   make lab    set up .venv (first time only) and open JupyterLab on notebooks/
 #   make test   set up .venv (first time only) and run the test suite (what CI runs)
 #   make test-fast  the edit-test loop: the suite without the slow, browser, compile, hf and notebook tiers
-#   make setup  just the setup step
+#   make setup  just the lab's setup step (moelab, torch, JupyterLab, transformers for notebook 11)
 #   make clean  remove .venv and build/test caches
 #
 # Pass extra arguments with LAB_ARGS / PYTEST_ARGS, e.g.
@@ -19,6 +19,9 @@ VENV_PY := $(VENV)/bin/python
 # CPU torch pin installed first so pip never resolves `torch>=2.9` to a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.moelab-installed
+TEST_STAMP := $(VENV)/.moelab-test-installed
+# JupyterLab settings for the lab: no news pop-up or update check on first open (they also need the network)
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 PIP := $(VENV_PY) -m pip --disable-pip-version-check
 
 LAB_ARGS ?=
@@ -27,11 +30,13 @@ PYTEST_ARGS ?=
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 NBVAL_ARGS ?= $(if $(NOTEBOOKS),notebooks/ --nbval --nbval-sanitize-with tests/sanitize.cfg)
 
-.PHONY: setup lab test test-fast clean
+.PHONY: setup setup-test lab test test-fast clean
 
 FAST_MARKERS := not slow and not browser and not compile and not hf and not notebooks
 
 setup: $(STAMP)
+
+setup-test: $(TEST_STAMP)
 
 $(STAMP): pyproject.toml
 	@if [ -z "$(BOOTSTRAP_PYTHON)" ]; then echo "error: neither python3.11 nor python3 found on PATH" >&2; exit 1; fi
@@ -43,6 +48,14 @@ $(STAMP): pyproject.toml
 		echo "Installing $(TORCH_PIN)"; \
 		$(PIP) install "$(TORCH_PIN)"; \
 	fi
+	$(PIP) install -e '.[hf]'
+	@mkdir -p $(dir $(LAB_SETTINGS))
+	@echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' \
+		> $(LAB_SETTINGS)
+	@touch $@
+
+# the test tools (pytest, nbval, playwright, import-linter, hypothesis) on top of the lab's setup
+$(TEST_STAMP): $(STAMP)
 	$(PIP) install -e '.[test,hf]'
 	@touch $@
 
@@ -50,10 +63,10 @@ lab: setup
 	@mkdir -p notebooks
 	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
 
-test: setup
+test: setup-test
 	$(VENV_PY) -m pytest tests/ $(NBVAL_ARGS) $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup-test
 	$(VENV_PY) -m pytest tests/ -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 clean:

@@ -16,6 +16,7 @@ from .core.config import MoEConfig
 from .core.dtypes import DTYPES
 from .core.machine import cpu_description
 from .models.io import package_version
+from .parallel.bench import add_ep
 
 
 def _add_compare(sub) -> None:
@@ -27,6 +28,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--top-k", type=int, default=2, help="k, experts per token (default 2)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=1, help="torch threads while timing (default 1)")
+    p.add_argument("--min-run-time", type=float, default=0.2,
+                   help="seconds of timed calls per backend (default 0.2; at least 5 runs unless a call is slow)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_compare)
 
@@ -36,7 +39,7 @@ def _run_compare(args) -> int:
         config = MoEConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_experts=args.experts,
                            top_k=args.top_k)
         table = compare_backends(config, num_tokens=args.tokens, dtype=args.dtype, seed=args.seed,
-                                 num_threads=args.threads)
+                                 num_threads=args.threads, min_run_time=args.min_run_time)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -45,7 +48,14 @@ def _run_compare(args) -> int:
     print(cpu_description())
     print(f"SparseMoE T={args.tokens} H={args.hidden} I={args.intermediate} E={args.experts} k={args.top_k} "
           f"{args.dtype}")
-    print(table.drop(columns="skipped").to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    shown = table.drop(columns="skipped")
+    few = shown["runs"].between(1, MIN_RUNS_FOR_IQR - 1)
+    # NOTE: an IQR of one or two timed calls is 0 or a difference, not a spread: shown as n/a, and said why
+    shown["iqr_ms"] = shown["iqr_ms"].where(~few)
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="n/a"))
+    for name, runs in zip(shown["backend"][few], shown["runs"][few]):
+        print(f"{name}: {runs} timed run(s), too few for an IQR (each call is slow here; --min-run-time "
+              f"{args.min_run_time} buys more)")
     for name, why in zip(table["backend"], table["skipped"]):
         if why:  # the memory guard refused it before it allocated (its message says what would fit)
             print(f"skipped {name}: {why}")
@@ -54,7 +64,8 @@ def _run_compare(args) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_compare, add_bench, add_calibrate]  # each adds its sub-command to the parser
+MIN_RUNS_FOR_IQR = 4  # the interquartile range of fewer timed runs is no spread
+SUBCOMMANDS = [_add_compare, add_bench, add_calibrate, add_ep]  # each adds its sub-command to the parser
 
 
 def _device_problem(text: str) -> str | None:
@@ -97,8 +108,14 @@ def check_bench_flags(args) -> str | None:
     return None
 
 
+EPILOG = ("With no sub-command (or options only, e.g. `python -m moelab --tokens 1024`) it runs `compare` on "
+          "T=128 tokens, H=512, I=256, E=8 experts, k=2, float32, one thread; `python -m moelab compare --help` "
+          "lists its options (--tokens, --hidden, --intermediate, --experts, --top-k, --dtype, --threads, "
+          "--min-run-time, --seed).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m moelab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m moelab", description=__doc__, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command")
     for add in SUBCOMMANDS:
         add(sub)

@@ -107,3 +107,47 @@ def test_bench_flags_a_user_mistypes_are_named_before_anything_runs(command, fla
                  ["--min-run-time", "0.05"], ["--device", "cpu"]):
         assert cli.main([command, *GRID, *good]) == 0
     assert len(ran) == 5
+
+
+def test_help_names_the_default_jobs_sizes(capsys):
+    from moelab.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
+    assert "T=128 tokens, H=512, I=256, E=8 experts, k=2, float32" in out and "compare --help" in out
+    # the sizes it names are compare's defaults
+    args = __import__("moelab.cli", fromlist=["build_parser"]).build_parser().parse_args(["compare"])
+    assert (args.tokens, args.hidden, args.intermediate, args.experts, args.top_k, args.dtype) == \
+        (128, 512, 256, 8, 2, "float32")
+
+
+def test_compare_shows_no_iqr_for_too_few_runs(monkeypatch, capsys):
+    import moelab.cli as cli
+
+    real = cli.compare_backends
+
+    def one_run_for_batched_mm(*args, **kwargs):  # as a slow batched_mm call gets: one timed run
+        table = real(*args, **kwargs)
+        table.loc[table.backend == "batched_mm", ["runs", "iqr_ms"]] = [1, 0.0]
+        return table
+    monkeypatch.setattr(cli, "compare_backends", one_run_for_batched_mm)
+    assert cli.main(["compare", "--tokens", "4", "--hidden", "16", "--intermediate", "8", "--experts", "4",
+                     "--top-k", "2", "--min-run-time", "0.01"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip().startswith("batched_mm "))
+    assert "n/a" in row.split()  # its IQR column
+    assert "batched_mm: 1 timed run(s), too few for an IQR" in out
+    eager = next(line for line in out.splitlines() if line.strip().startswith("eager "))
+    assert "n/a" not in eager.split()
+
+
+def test_bench_legend_names_hf_only_when_transformers_ran(capsys, tmp_path):
+    from moelab.cli import main
+
+    assert main(["bench", "--tokens", "4", "--hidden", "16", "--intermediate", "8", "--experts", "4", "--top-k", "2",
+                 "--dtype", "float32", "--backends", "eager", "--min-run-time", "0.01", "--no-memory", "--no-plots",
+                 "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "median time per call (ms); dense = the dense limit" in out and "x/hf" not in out

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 import urllib.error
@@ -88,6 +89,25 @@ def test_readme_quickstart_is_make_lab_and_make_test():
     blocks = re.findall(r"^```[a-z]*\n(.*?)^```", section, flags=re.M | re.S)
     commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
     assert commands == ["make lab", "make test"]
+
+
+def test_the_lab_setup_installs_what_the_lab_needs_and_turns_the_news_off():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipes = {m.group(1): m.group(2) for m in re.finditer(r"^(\$\(\w+\)):[^\n]*\n((?:\t[^\n]*\n)+)", makefile,
+                                                           flags=re.M)}
+    lab, test = recipes["$(STAMP)"], recipes["$(TEST_STAMP)"]
+    assert "install -e '.[hf]'" in lab and "test" not in lab  # pytest, nbval, playwright are the tests' business
+    assert "install -e '.[test,hf]'" in test
+    assert re.search(r"^test: setup-test$", makefile, flags=re.M) and re.search(r"^lab: setup$", makefile, flags=re.M)
+    # the settings the lab's setup writes: JupyterLab's own schema names these values "Never" and off
+    written = re.search(r"@echo '(.*?)'", lab).group(1)
+    assert json.loads(written) == {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false",
+                                                                                    "checkForUpdates": False}}
+    schema = Path(sys.prefix) / "share/jupyter/lab/schemas/@jupyterlab/apputils-extension/notification.json"
+    if schema.exists():  # the installed JupyterLab knows both settings and takes these values
+        properties = json.loads(schema.read_text())["properties"]
+        assert {"const": "false", "title": "Never"} in properties["fetchNews"]["oneOf"]
+        assert properties["checkForUpdates"]["type"] == "boolean"
 
 
 def test_ci_runs_make_test():

@@ -197,14 +197,15 @@ def test_trace_stepper_slides_through_a_backend_steps():
     x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
     stepper = widgets.TraceStepper(moe, x)
     names = [step.name for step in stepper.trace.steps]
-    assert "sort" in names and stepper.step_slider.max == len(names) - 1
-    stepper.step_slider.value = names.index("sort")
+    assert "sort" in names and (stepper.step_slider.min, stepper.step_slider.max) == (1, len(names))
+    stepper.step_slider.value = names.index("sort") + 1  # the slider counts from 1, as the header does
     assert stepper.step.name == "sort"
+    assert f"step {names.index('sort') + 1}/{len(names)}: sort" in stepper.header.value
     assert "perm" in list(stepper.table["key"])
     assert stepper.figure is not None and "image/png" in stepper.plot_out.outputs[0]["data"]
     assert "sort" in stepper.header.value
     stepper.backend.value = "eager"
-    assert stepper.step_slider.value == 0
+    assert stepper.step_slider.value == 1 and stepper.step.name == stepper.trace.steps[0].name
     assert "expert_mask" in [step.name for step in stepper.trace.steps]
 
 

@@ -122,7 +122,8 @@ def run_bench(args) -> int:
           f"{table['pass'].iloc[0]}")
     print(env["cpu_description"] if env["device"].startswith("cpu") else env["device_name"])
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_rows", 500):
-        print("\nmedian time per call (ms); dense = the dense limit; x/hf = moelab time / transformers time")
+        print("\nmedian time per call (ms); dense = the dense limit"
+              + ("; x/hf = moelab time / transformers time" if args.compare_transformers else ""))
         print(io.summary(table, "median_ms").to_string(float_format=lambda v: f"{v:.4g}"))
         print("\nfraction of the dense limit (dense time / backend time)")
         print(io.summary(table, "frac_dense").to_string(float_format=lambda v: f"{v:.3f}"))

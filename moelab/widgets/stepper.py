@@ -32,7 +32,7 @@ class TraceStepper:
         self.backend = W.Dropdown(options=list(backends), value=moe.get_experts_implementation()
                                   if moe.get_experts_implementation() in backends else backends[0],
                                   description="backend")
-        self.step_slider = W.IntSlider(0, 0, 0, description="step", continuous_update=False)
+        self.step_slider = W.IntSlider(1, 1, 1, description="step", continuous_update=False)  # 1-based, as the header
         self.header = W.HTML()
         self.table_out = W.Output()
         self.plot_out = W.Output()
@@ -52,14 +52,15 @@ class TraceStepper:
         self.trace = trace
         n = len(trace.steps)
         with self.step_slider.hold_trait_notifications():
-            self.step_slider.value = 0
-            self.step_slider.max = max(n - 1, 0)
+            self.step_slider.value = 1
+            self.step_slider.max = max(n, 1)
         self._show_step()
 
     def _show_step(self) -> None:
         steps = self.trace.steps
-        self.step = step = steps[min(self.step_slider.value, len(steps) - 1)]
-        self.header.value = (f"<b>step {self.step_slider.value + 1}/{len(steps)}: {step.name}</b> "
+        number = min(self.step_slider.value, len(steps))  # 1 ... len(steps)
+        self.step = step = steps[number - 1]
+        self.header.value = (f"<b>step {number}/{len(steps)}: {step.name}</b> "
                              f"({self.backend.value}): {step.explanation}")
         self.table = step_table(step)
         show_in(self.table_out, HTML(self.table.to_html(index=False)))
