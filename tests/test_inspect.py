@@ -586,3 +586,22 @@ def test_calls_from_other_threads_are_not_recorded_and_the_trace_says_so(config,
     assert {step.call for step in trace.steps} == {0} and trace.unattributed == 0
     assert trace.other_thread_calls == 1
     assert "1 MoE call(s) from other threads not recorded" in repr(trace)
+
+
+def test_calls_frame_and_to_frame_name_the_stage_as_the_printed_trace_does():
+    model = moelab.MoEForCausalLM(moelab.MoEModelConfig(num_hidden_layers=2), seed=0)
+    prompt = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(0))
+    with moelab.inspect(model) as trace:
+        model.generate(prompt, max_new_tokens=2)
+    calls = trace.calls_frame()
+    expected = [moelab.stage_label(c.stage, c.decode_step) for c in trace.calls]
+    assert list(calls.stage) == expected == ["prefill"] * 2 + ["decode 0"] * 2
+    assert list(calls.tokens) == [c.num_tokens for c in trace.calls] == [3, 3, 1, 1]
+    assert list(calls.layer) == [c.layer for c in trace.calls]
+    assert list(calls.steps) == [len(c.steps) for c in trace.calls]
+    steps = trace.to_frame()
+    assert set(steps.stage) == {"prefill", "decode 0"}
+    with moelab.inspect(model) as plain:
+        model(prompt)
+    assert set(plain.to_frame().stage) == {"forward"} == set(plain.calls_frame().stage)
+    assert set(plain.memory.stage) == {"forward"}

@@ -17,6 +17,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from ..backends.calibration import AUTO_CANDIDATES
+from ..core.colors import backend_color
 from .io import label
 
 _MARKERS = "osD^vP*X<>"
@@ -42,8 +43,8 @@ def _facets(t: pd.DataFrame):
 
 
 def _styles(variants):
-    cycle = [f"C{i}" for i in range(10)]
-    return {v: (cycle[i % 10], _MARKERS[i % len(_MARKERS)]) for i, v in enumerate(variants)}
+    """(colour, marker) per variant: the backend's own colour (`moelab.core.colors`), a marker per variant."""
+    return {v: (backend_color(v), _MARKERS[i % len(_MARKERS)]) for i, v in enumerate(variants)}
 
 
 def crossover_points(table: pd.DataFrame, a: str = "eager", b: str = "grouped_mm", value: str = "median_ms",

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..core.stage import stage_label
 from ..memory import MODELLED_BACKENDS, MemoryEstimate, analytic
 
 if TYPE_CHECKING:
@@ -181,7 +182,8 @@ def memory_frame(calls: list[Call]):
                     where = names.index(inter.recorded_in, where)
                 recorded_at[where] = recorded_at.get(where, 0) + inter.nbytes
         for step in call.steps:
-            row = {"call": call.index, "layer": call.layer, "stage": call.stage, "decode_step": call.decode_step,
+            row = {"call": call.index, "layer": call.layer, "stage": stage_label(call.stage, call.decode_step),
+                   "decode_step": call.decode_step,
                    "backend": call.backend, "index": step.index, "step": step.name,
                    "recorded_bytes": step.new_bytes, "analytic_bytes": float("nan"),
                    "analytic_new_bytes": float("nan"), "analytic_live_bytes": float("nan"),

@@ -161,12 +161,21 @@ class Trace:
     def __len__(self) -> int:
         return sum(len(c.steps) for c in self.calls)
 
+    def calls_frame(self):
+        """A pandas table, one row per MoE call: call, layer, stage (`moelab.stage_label`: "forward", "prefill",
+        "decode 3"), backend, tokens, steps."""
+        return pd.DataFrame([{"call": c.index, "layer": c.layer, "stage": stage_label(c.stage, c.decode_step),
+                              "backend": c.backend, "tokens": c.num_tokens, "steps": len(c.steps)}
+                             for c in self.calls], columns=["call", "layer", "stage", "backend", "tokens", "steps"])
+
     def to_frame(self, per: str = "step"):
-        """A pandas table: one row per step (`per="step"`) or per recorded tensor (`per="tensor"`)."""
+        """A pandas table: one row per step (`per="step"`) or per recorded tensor (`per="tensor"`). `stage` is
+        the stage's label, as `calls_frame` and the printed trace name it ("forward" outside `generate()`)."""
         base = ["call", "layer", "stage", "decode_step", "backend", "index", "step"]
         rows = []
         for s in self.steps:
-            common = {"call": s.call, "layer": s.layer, "stage": s.stage, "decode_step": s.decode_step,
+            common = {"call": s.call, "layer": s.layer, "stage": stage_label(s.stage, s.decode_step),
+                      "decode_step": s.decode_step,
                       "backend": s.backend, "index": s.index, "step": s.name}
             if per == "step":
                 rows.append({**common, "explanation": s.explanation, "tensors": tensor_list(s, limit=99),

@@ -18,6 +18,7 @@ from IPython.display import HTML, display
 from matplotlib.figure import Figure
 
 from ..backends import ExpertsInterface
+from ..core.colors import BACKEND_COLORS, backend_color
 from ..core.config import MoEConfig
 from ..core.machine import bf16_note
 from ..memory import format_bytes
@@ -25,8 +26,7 @@ from . import sweeps
 from ._shared import BACKENDS, figure_png, show_in
 from .sweeps import DEFAULT_BUDGET_BYTES
 
-COLORS = {"eager": "tab:blue", "batched_mm": "tab:red", "grouped_mm": "tab:green", "capacity": "tab:purple",
-          "block_aligned": "tab:orange"}
+COLORS = BACKEND_COLORS  # the package's one colour per backend (kept under this name for old imports)
 
 # Slider bounds: with H=64, I=128 the largest allowed call is T = 16 * 256 = 4096 tokens, k = 8, E = 64, where
 # eager and grouped_mm need tens of MiB and batched_mm about 3 GiB in float32: the guard refuses that one, and
@@ -234,7 +234,7 @@ class BackendExplorer:
         ax_time, ax_mem = fig.subplots(1, 2)
         for name, group in results.groupby("backend", sort=False):
             group = group.sort_values("num_tokens")
-            color = COLORS.get(name)
+            color = backend_color(name)
             ax_time.plot(group["num_tokens"], group["median_ms"], "o-", label=name, color=color)
             ax_mem.plot(group["num_tokens"], group["peak_bytes"] / 2**20, "o-", label=name, color=color)
         if results.empty:
