@@ -15,6 +15,7 @@ the reference page's CPU claims. docs/compile_table.md has its own command: benc
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -74,6 +75,15 @@ def measure_backward(args) -> pd.DataFrame:
     return table
 
 
+def load_gpu() -> dict | None:
+    """What benchmarks/gpu.py saved under docs/bench/gpu (None where it never ran: no CUDA device)."""
+    gpu = {name: bench.load(OUT / "gpu" / name / "sweep.json") for name in ("forward", "backward")
+           if (OUT / "gpu" / name / "sweep.json").exists()}
+    if (OUT / "gpu" / "decode_switch.json").exists():
+        gpu["decode_switch"] = json.loads((OUT / "gpu" / "decode_switch.json").read_text())
+    return gpu or None
+
+
 def write_plots(default: pd.DataFrame, compiled: pd.DataFrame | None) -> dict[str, str]:
     figures = {}
     for dtype in dict.fromkeys(default["dtype"]):
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
         backward = bench.load(saved_backward) if saved_backward.exists() and not args.skip_backward else None
     images = write_plots(default, compiled)
     command = "python benchmarks/run_benchmarks.py"
-    Path(args.out).write_text(markdown(default, compiled, images, command, backward=backward))
+    Path(args.out).write_text(markdown(default, compiled, images, command, backward=backward, gpu=load_gpu()))
     print(f"wrote {args.out} and {len(images)} plots under {OUT}")
     return 0
 

@@ -423,6 +423,20 @@ def test_the_forward_backward_section_is_computed_from_its_sweep():
     assert section.count("**not measured**") == 3
 
 
+def test_the_gpu_section_says_it_was_not_measured_or_reads_the_gpu_sweep(table):
+    from moelab.bench import analysis
+    from moelab.bench.report_sections import section_gpu
+
+    assert "**Not measured.**" in "\n".join(section_gpu(None)) and "benchmarks/gpu.py" in "\n".join(section_gpu(None))
+    # a sweep in place of a GPU one: the section is computed from whatever it is given
+    text = "\n".join(section_gpu({"forward": table, "decode_switch": {"grouped_mm throughout": 2.0,
+                                                                     "decode switch": 1.0, "same tokens": True}}))
+    best = analysis.fastest(table, backends=("eager", "batched_mm", "grouped_mm"))
+    small = best[best["num_tokens"] <= 16]
+    assert f"fastest at {(small['fastest'] == 'batched_mm').sum()} of {len(small)} shapes" in text
+    assert "(2.00x); same tokens: True" in text
+
+
 def test_compiled_variants_are_judged_within_one_run(table):
     from moelab.bench.report_sections import compiled_run
 

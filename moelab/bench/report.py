@@ -14,7 +14,7 @@ from ..memory import format_bytes
 from . import analysis
 from .io import label
 from .report_sections import (compiled_run, pct, section_auto, section_backward, section_claims, section_dense,
-                              section_transformers, shape_text, span)
+                              section_gpu, section_transformers, shape_text, span)
 
 
 def _verdict(hits: int, total: int) -> str:
@@ -118,10 +118,11 @@ def _under_heading(section: list[str], caveat: list[str]) -> list[str]:
 
 def markdown(default: pd.DataFrame, compiled: pd.DataFrame | None = None, images: dict[str, str] | None = None,
              command: str = "python benchmarks/run_benchmarks.py", min_pairs: int = 4096,
-             backward: pd.DataFrame | None = None) -> str:
+             backward: pd.DataFrame | None = None, gpu: dict | None = None) -> str:
     """BENCHMARKS.md from the default sweep (uncompiled, run with `transformers=True, gemm_bound=True`) and the
     compiled one; `images`: {file name: path} of the plots to show; `min_pairs`: where "large S" starts;
-    `backward`: the forward + backward sweep (`backward=True, transformers=True`), its own section when given."""
+    `backward`: the forward + backward sweep (`backward=True, transformers=True`), its own section when given;
+    `gpu`: what benchmarks/gpu.py saved (None: the GPU section says it was not measured)."""
     images = images or {}
     env = default.attrs["environment"]
     cenv = compiled.attrs["environment"] if compiled is not None else {}
@@ -188,6 +189,7 @@ def markdown(default: pd.DataFrame, compiled: pd.DataFrame | None = None, images
         machine = (f"{benv['device_name']} ({benv['cpu_capability']}"
                    + (f", {bf16_status(benv)}" if bf16_status(benv) else "") + ")")
         lines += _under_heading(section_backward(backward, machine), bf16_caveat(benv, backward))
+    lines += section_gpu(gpu)
     return "\n".join(lines)
 
 

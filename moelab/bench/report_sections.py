@@ -303,3 +303,39 @@ def section_backward(backward, machine: str, min_pairs: int = 8192) -> list[str]
 
 def _load_avg(v) -> str:
     return ", ".join(f"{x:.2f}" for x in v) if v else "n/a"
+
+
+def section_gpu(gpu: dict | None) -> list[str]:
+    """The reference page's GPU claims: `gpu` = {"forward": sweep, "backward": sweep, "decode_switch": dict} as
+    benchmarks/gpu.py saves them, or None where no CUDA device measured them (then the section says so)."""
+    lines = ["## 9. GPU", ""]
+    if not gpu:
+        return lines + ["**Not measured.** The machine that wrote this file has no CUDA device, so the reference "
+                        "page's GPU claims (`batched_mm` fastest for small inputs, the decode switch's gain, the "
+                        "compiled variants) are neither confirmed nor refuted here. On a machine with one: "
+                        "`python benchmarks/gpu.py`, then `python benchmarks/run_benchmarks.py --reuse`.", ""]
+    for name in ("forward", "backward"):
+        table = gpu.get(name)
+        if table is None:
+            continue
+        env = table.attrs["environment"]
+        best = analysis.fastest(table, backends=("eager", "batched_mm", "grouped_mm"))
+        small = best[best["num_tokens"] <= 16]
+        lines += [f"### {name.replace('backward', 'forward + backward')}, {env['device_name']}", "",
+                  f"*batched_mm is the fastest for small inputs* (T ≤ 16): fastest at "
+                  f"{(small['fastest'] == 'batched_mm').sum()} of {len(small)} shapes; at T > 16 `grouped_mm` "
+                  f"is fastest at {(best[best['num_tokens'] > 16]['fastest'] == 'grouped_mm').sum()} of "
+                  f"{(best['num_tokens'] > 16).sum()}.", "",
+                  "| dtype | E | k | T | fastest | runner-up's time / fastest's |", "| --- | --- | --- | --- | --- | --- |"]
+        for _, r in best.sort_values(["dtype", "num_experts", "top_k", "num_tokens"]).iterrows():
+            lines.append(f"| {r['dtype']} | {r['num_experts']} | {r['top_k']} | {r['num_tokens']} | "
+                         f"`{r['fastest']}` | {_x(r['runner_up_over_fastest'])}x |")
+        lines.append("")
+    switch = gpu.get("decode_switch")
+    if switch:
+        gain = switch["grouped_mm throughout"] / switch["decode switch"]
+        lines += [f"*The decode switch*: one `generate` of 32 new tokens for 8 prompts of 64 tokens took "
+                  f"{switch['grouped_mm throughout']:.3f} s with grouped_mm throughout and "
+                  f"{switch['decode switch']:.3f} s with the switch ({_x(gain)}x); same tokens: "
+                  f"{switch['same tokens']}.", ""]
+    return lines
