@@ -61,3 +61,13 @@ def test_every_backend_has_one_colour_its_variants_share_and_others_never_take_a
     other_process = subprocess.run([sys.executable, "-c", "from moelab.core.colors import backend_color; "
                                     "print(backend_color('dense'))"], capture_output=True, text=True, timeout=120)
     assert other_process.stdout.strip() == backend_color("dense")
+
+
+@pytest.mark.parametrize("num_experts", [1, 8, 10, 16, 64])
+def test_the_expert_colormap_has_exactly_one_colour_per_expert(num_experts):
+    from moelab.core.colors import expert_colormap
+
+    cmap, norm = expert_colormap(num_experts)
+    assert cmap.N == num_experts  # a colorbar shows E bands, not the palette's 10 or 20
+    colors = [mcolors.to_hex(cmap(norm(e))) for e in range(num_experts)]
+    assert len(set(colors)) == num_experts  # every expert told apart

@@ -26,3 +26,17 @@ def backend_color(variant: str) -> str:
     if name in BACKEND_COLORS:
         return BACKEND_COLORS[name]
     return OTHER_COLORS[zlib.crc32(name.encode()) % len(OTHER_COLORS)]  # crc32: stable, unlike hash()
+
+
+def expert_colormap(num_experts: int):
+    """(ListedColormap, Normalize) with exactly `num_experts` colours over [-0.5, E - 0.5]: expert e is colour e
+    in every picture, and a colorbar shows the E colours used, not the 10 or 20 bands of the palette."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap, Normalize
+
+    name = "tab10" if num_experts <= 10 else ("tab20" if num_experts <= 20 else "viridis")
+    norm = Normalize(vmin=-0.5, vmax=num_experts - 0.5)
+    colors = colormaps[name](norm(np.arange(max(num_experts, 1))) if name == "viridis"
+                             else np.arange(max(num_experts, 1)))  # [E, 4]: the palette's first E colours
+    return ListedColormap(colors), norm

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from matplotlib.collections import LineCollection
-from matplotlib import colormaps
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.transforms import ScaledTranslation
 
+from ..core.colors import expert_colormap
 from ..core.stage import stage_label
 from ..memory.plots import new_axes, new_figure
 from .records import Call
@@ -269,12 +269,9 @@ def layout_rows(call) -> LayoutRows:
 
 
 def _expert_colors(num_experts: int) -> tuple[ListedColormap, Normalize]:
-    """plot_permutation's colours (tab10, tab20 or viridis over [-0.5, E - 0.5]), as E discrete ones: the same
-    expert gets the same colour in both pictures, and the colorbar shows only the E colours used."""
-    name = "tab10" if num_experts <= 10 else ("tab20" if num_experts <= 20 else "viridis")
-    norm = Normalize(vmin=-0.5, vmax=num_experts - 0.5)
-    colors = colormaps[name](norm(np.arange(max(num_experts, 1))))  # [E, 4]
-    return ListedColormap(colors).with_extremes(bad=PADDING_COLOR), norm  # masked cells: the padding rows
+    """`moelab.core.colors.expert_colormap` (plot_permutation's colours too), masked cells drawn as padding."""
+    cmap, norm = expert_colormap(num_experts)
+    return cmap.with_extremes(bad=PADDING_COLOR), norm  # masked cells: the padding rows
 
 
 def _counts(rows: LayoutRows) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from matplotlib.collections import LineCollection
 
+from ..core.colors import expert_colormap
 from ..core.stage import stage_label
 from ..memory.plots import MIB, new_axes, new_figure, plot_memory
 from .layouts import LayoutRows, layout_rows, plot_layout, plot_layouts, source_call
@@ -114,9 +115,9 @@ def plot_permutation(source, call: int = 0, *, ax=None, max_lines: int = 256):
     before = np.empty_like(after)
     before[perm] = after  # pair perm[j] (token order) went to position j
     num_pairs, num_experts = len(perm), len(offsets)
-    cmap = "tab10" if num_experts <= 10 else ("tab20" if num_experts <= 20 else "viridis")
+    cmap, norm = expert_colormap(num_experts)  # E colours, not the palette's 10 or 20 bands
     fig, ax = new_axes(ax, figsize=(max(6.4, min(16.0, num_pairs / 8)), 3.6))
-    extent = dict(aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest")
+    extent = dict(aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     image = ax.imshow(before[None, :], extent=(-0.5, num_pairs - 0.5, 1.6, 2.4), **extent)
     ax.imshow(after[None, :], extent=(-0.5, num_pairs - 0.5, -0.4, 0.4), **extent)
     if num_pairs <= max_lines:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ..core.config import MoEConfig
+from ..inspection import inspect
+from ..models import MoEForCausalLM, MoEModelConfig
 from ..layer.moe import SparseMoE
 from .layer import ExpertParallelMoE, expert_parallel
 
@@ -121,8 +123,6 @@ def expected_error(rank, world_size, case: str) -> dict:
 
 def compare_model(rank, world_size, backend: str = "grouped_mm", seed: int = 0) -> dict:
     """`expert_parallel` on a tiny MoEForCausalLM: the logits of this rank's sequences against the full model."""
-    from ..models import MoEForCausalLM, MoEModelConfig  # only this check needs the models
-
     moe = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=2 * world_size, top_k=2)
     config = MoEModelConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, moe=moe)
     model = MoEForCausalLM(config, backend, dtype=torch.float64, seed=seed)
@@ -140,8 +140,6 @@ def compare_model(rank, world_size, backend: str = "grouped_mm", seed: int = 0) 
 def inspect_and_reset(rank, world_size, backend: str = "grouped_mm") -> dict:
     """`moelab.inspect` on the layer (it is a SparseMoE: hooked, its EP steps and its backend's steps recorded), and
     `reset_parameters(seed)`, which must give this rank's slice of the full layer's init under that seed."""
-    from ..inspection import inspect  # only this check needs the inspection
-
     config = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=2 * world_size, top_k=2)
     layer = ExpertParallelMoE(SparseMoE(config, backend, dtype=torch.float64, seed=0))
     with inspect(layer) as trace:
