@@ -29,6 +29,9 @@ SLOW = {  # test functions that take more than about a second on 2 cores (subpro
     "test_moving_a_slider_and_clicking_run_changes_table_and_figure", "test_lint_imports_keeps_the_layer_contract",
     "test_compare_cli_prints_the_note_where_bf16_is_emulated", "test_expert_parallel_matches_the_single_process_layer",
     "test_the_forward_backward_section_is_computed_from_its_sweep",
+    "test_the_frame_has_every_phase_of_every_rank_in_order", "test_the_send_matrix_is_the_routing_of_the_single_process_layer",
+    "test_measured_bytes_equal_the_model_for_the_actual_routing", "test_every_rank_matches_the_single_process_layer",
+    "test_the_plots", "test_the_ep_cli_prints_a_table_of_both_degrees",
     "test_a_failing_rank_is_named_and_its_waiting_peer_is_killed", "test_a_hang_past_the_timeout_is_killed_not_waited_for",
 }
 

@@ -605,3 +605,15 @@ def test_calls_frame_and_to_frame_name_the_stage_as_the_printed_trace_does():
         model(prompt)
     assert set(plain.to_frame().stage) == {"forward"} == set(plain.calls_frame().stage)
     assert set(plain.memory.stage) == {"forward"}
+
+
+def test_a_footnote_is_printed_only_with_its_mark_even_when_the_tensor_list_is_cut(config, x):
+    moe = moelab.SparseMoE(config, "eager", seed=0)
+    with moelab.inspect(moe) as trace:
+        moe(x)
+    text = str(trace)
+    route = trace["route"]
+    assert route.derived and len(route.tensors) > 4  # a derived tensor beyond the four shown
+    assert "* derived for display" in text
+    route_line = next(line for line in text.splitlines() if " route " in line)
+    assert "*" in route_line  # the cut list carries the hidden tensor's mark: "+1 more*"

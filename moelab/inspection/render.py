@@ -51,11 +51,15 @@ _DERIVED_NOTE = "* derived for display, not computed by the backend"
 _COPY_NOTE = "^ a copy taken at the step: the backend's fast path overwrites the original later"
 
 
+def _marks(step: Step, keys) -> str:
+    return ("*" if any(k in step.derived for k in keys) else "") + ("^" if any(k in step.copied for k in keys) else "")
+
+
 def tensor_list(step: Step, limit: int = 4) -> str:
-    parts = [f"{k}{list(t.shape)}" + ("*" if k in step.derived else "") + ("^" if k in step.copied else "")
-             for k, t in step.tensors.items()]
-    if len(parts) > limit:
-        parts = parts[:limit] + [f"+{len(parts) - limit} more"]
+    keys = list(step.tensors)
+    parts = [f"{k}{list(step.tensors[k].shape)}" + _marks(step, [k]) for k in keys]
+    if len(parts) > limit:  # the hidden ones keep their marks, so every footnote printed has its star
+        parts = parts[:limit] + [f"+{len(parts) - limit} more" + _marks(step, keys[limit:])]
     return ", ".join(parts)
 
 

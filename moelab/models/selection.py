@@ -83,7 +83,9 @@ def decode_backends(device_type: str | torch.device) -> dict[str, str]:
 
     On a GPU (any non-CPU device) `grouped_mm` becomes `batched_mm` for decode: a decode step has a handful of
     tokens, where one batched GEMM over duplicated weights beats a sort plus a grouped GEMM. On CPU nothing
-    switches: `grouped_mm` is the fastest CPU backend at every size. Backends not in the dict stay as they are.
+    switches by default: there `batched_mm` leads at a few tokens on some CPUs and not on others, by little either
+    way (notebook 7 measures it); pass your own map to `generate(decode_backends=...)` where it pays. Backends
+    not in the dict stay as they are.
 
     >>> decode_backends("cuda")
     {'grouped_mm': 'batched_mm'}

@@ -196,8 +196,12 @@ def default_cases(world_size: int) -> dict[str, tuple]:
 
 def run_checks(rank: int, names: list[str] | None = None) -> dict[str, dict]:
     """Run the named cases of `default_cases` (all by default) in order on this rank; returns name -> result."""
+    return run_cases(rank, default_cases(dist.get_world_size()), names)
+
+
+def run_cases(rank: int, cases: dict, names: list[str] | None = None) -> dict[str, dict]:
+    """Run the named `cases` ({name: (fn, kwargs)}, all by default) in order on this rank, each timed."""
     world_size = dist.get_world_size()
-    cases = default_cases(world_size)
     names = list(cases) if names is None else names
     unknown = [name for name in names if name not in cases]
     if unknown:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core.steps import record_step
+from ..core.steps import is_recording, record_step
 from ..layer.experts import Experts
 from ..layer.moe import SparseMoE
 from ..layer.router import RouterOutput
@@ -88,6 +89,9 @@ class ExpertParallelMoE(SparseMoE):
         self.shared_expert = _copy_module(moe.shared_expert)
         self.shared_expert_gate = _copy_module(moe.shared_expert_gate)
         self.train(moe.training)
+        # time the phases into `last_phases` without an inspection (moelab.parallel.bench); off by default
+        self.time_phases = False
+        self.last_phases: dict[str, dict] = {}
         self._check_agreement(moe)
 
     @torch.no_grad()
@@ -134,21 +138,44 @@ class ExpertParallelMoE(SparseMoE):
         return routed.to(flat.dtype)
 
     def dispatch_experts_combine(self, flat, top_k_index, top_k_weights, dropped=None) -> torch.Tensor:
-        """flat [T, H], top_k_index [T, k], top_k_weights [T, k], dropped None or [T, k] -> routed output [T, H]."""
-        E, ep, k = self.config.num_experts, self.ep_size, top_k_index.shape[1]
+        """flat [T, H], top_k_index [T, k], top_k_weights [T, k], dropped None or [T, k] -> routed output [T, H].
+
+        While `moelab.inspect` listens, each of the five phases (permute, dispatch, experts, combine, unpermute)
+        is timed with `time.perf_counter` and its step carries what `moelab.parallel.watch` reads: `seconds`,
+        `start` (perf_counter at the phase's start: one clock for every process of a machine), the rows sent to
+        and received from each rank, and the bytes that leave and reach this rank. The exchange of the counts is
+        part of the dispatch phase (it is communication too). With `time_phases = True` the same figures land in
+        `last_phases` (phase -> dict) without an inspection, which would change what it times: a backend skips its
+        workspace while recording. Neither: no clock is read.
+        """
+        E, ep, k, r = self.config.num_experts, self.ep_size, top_k_index.shape[1], self.ep_rank
+        clock = PhaseClock(self.time_phases or is_recording(), flat.device)
+        phases = {}  # phase -> its figures, kept only while the clock runs
         counts = tokens_per_expert(top_k_index, E, dropped)  # [E], kept pairs of this rank's tokens
-        received_counts = exchange_counts(counts, self.group)  # [ep, L]
-        # NOTE: the splits are Python ints (a host sync): all_to_all_single sizes its buffers from them
-        input_splits = send_counts(counts, ep).tolist()  # [ep]: rows to each rank
-        output_splits = received_counts.sum(dim=1).tolist()  # [ep]: rows from each rank
         perm = rank_major_perm(top_k_index, dropped)  # [S_kept]
         send_rows = flat.index_select(0, perm // k)  # [S_kept, H]: pair s is token s // k
+        input_splits = send_counts(counts, ep).tolist()  # [ep]: rows to each rank (a host sync: see below)
+        seconds, start = clock.stop()
+        row_bytes = flat.shape[1] * flat.element_size()  # H * element size: one pair row on the wire
+        clock.keep(phases, "permute", seconds=seconds, start=start)
         record_step("ep_permute", "Each kept pair's token row, sorted by expert: rank-major, since every rank holds "
                     "a contiguous block of experts; dropped pairs are not sent.", perm=perm, counts=counts,
-                    received_counts=received_counts, derived={"send_counts": lambda: torch.tensor(input_splits)})
+                    send_rows=send_rows, seconds=seconds, start=start,
+                    derived={"send_counts": lambda: torch.tensor(input_splits)})
+        clock.start()
+        received_counts = exchange_counts(counts, self.group)  # [ep, L]
+        # NOTE: the splits are Python ints (a host sync): all_to_all_single sizes its buffers from them
+        output_splits = received_counts.sum(dim=1).tolist()  # [ep]: rows from each rank
         received = all_to_all(send_rows, output_splits, input_splits, self.group)  # [N, H], rank-major
+        seconds, start = clock.stop()
+        # measured on the tensors themselves: the rows that really left (and reached) this rank, self excluded
+        traffic = dict(rows_sent=list(input_splits), rows_received=list(output_splits),
+                       bytes_sent=send_rows.nbytes - input_splits[r] * row_bytes,
+                       bytes_received=received.nbytes - output_splits[r] * row_bytes, seconds=seconds, start=start)
+        clock.keep(phases, "dispatch", **traffic)
         record_step("ep_dispatch", "All-to-all: each rank sends every pair row to the rank holding its expert "
-                    "(uneven splits).", received=received)
+                    "(uneven splits).", received=received, received_counts=received_counts, **traffic)
+        clock.start()
         order = expert_major_perm(received_counts)  # [N]
         expert_rows = received.index_select(0, order)  # [N, H], expert-major
         local_ids = local_expert_ids(received_counts).unsqueeze(1)  # [N, 1]
@@ -160,17 +187,66 @@ class ExpertParallelMoE(SparseMoE):
             inputs = (expert_rows, self.experts.gate_up_proj, self.experts.down_proj)
             expert_outputs = expert_outputs + sum(t.sum() for t in inputs if t.requires_grad) * 0
         back = expert_outputs.index_select(0, inverse_perm(order))  # [N, H], rank-major again
+        seconds, start = clock.stop()
+        clock.keep(phases, "experts", seconds=seconds, start=start)
+        record_step("ep_experts", lambda: f"The {len(order)} rows received, reordered expert-major, through this "
+                    f"rank's {self.num_local_experts} experts, and their outputs back in rank-major order for the "
+                    f"return trip.", back=back, seconds=seconds, start=start)
+        clock.start()
         returned = all_to_all(back, input_splits, output_splits, self.group)  # [S_kept, H], in perm order
+        seconds, start = clock.stop()
+        traffic = dict(rows_sent=list(output_splits), rows_received=list(input_splits),
+                       bytes_sent=back.nbytes - output_splits[r] * row_bytes,
+                       bytes_received=returned.nbytes - input_splits[r] * row_bytes, seconds=seconds, start=start)
+        clock.keep(phases, "combine", **traffic)
         record_step("ep_combine", "All-to-all back: every expert output returns to the rank of its token.",
-                    returned=returned)
+                    returned=returned, **traffic)
+        clock.start()
         output = unpermute_weigh_sum(returned, perm, top_k_weights)  # [T, H]
+        seconds, start = clock.stop()
+        clock.keep(phases, "unpermute", seconds=seconds, start=start)
+        if clock.on:
+            self.last_phases = phases
         record_step("ep_unpermute", "Each output back in its pair's place, weighed by the router weight and summed "
-                    "over the token's k experts.", output=output)
+                    "over the token's k experts.", output=output, seconds=seconds, start=start)
         return output
 
     def extra_repr(self) -> str:
         L, r = self.num_local_experts, self.ep_rank
         return f"ep_rank={r}, ep_size={self.ep_size}, experts {r * L}..{(r + 1) * L - 1} of {self.config.num_experts}"
+
+
+class PhaseClock:
+    """Times the phases of one forward with `time.perf_counter`, only when `on` (an inspection listens): off, it
+    reads no clock and `stop()` returns (None, None). On CUDA it synchronises before each reading, so a phase's
+    time is its kernels' and not the launch's. `stop()` ends a phase, `start()` begins the next one after the
+    step was recorded, so the recording itself is in no phase."""
+
+    def __init__(self, on: bool, device: torch.device):
+        self.on = on
+        self.sync = on and device.type == "cuda"
+        self.device = device
+        self.began = None
+        self.start()
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.on:
+            self.began = self._now()
+
+    def stop(self) -> tuple[float | None, float | None]:
+        """(seconds since `start`, perf_counter at `start`), or (None, None) when off."""
+        if not self.on:
+            return None, None
+        return self._now() - self.began, self.began
+
+    def keep(self, phases: dict, name: str, **figures) -> None:
+        if self.on:
+            phases[name] = figures
 
 
 def _copy_module(module: nn.Module | None) -> nn.Module | None:

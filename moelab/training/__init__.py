@@ -11,7 +11,8 @@
 - `recipes`: `balancing_run`, `specialisation_run`, the seeded runs of the notebooks and tests.
 
 Imports `moelab.models`, `moelab.data`, `moelab.layer`, `moelab.memory` and `moelab.core` (it sits between
-`hf` and `models` in pyproject.toml's import-linter layers).
+`parallel`, whose ExpertParallelTrainer subclasses `Trainer`, and `models` in pyproject.toml's import-linter
+layers).
 """
 
 from .analysis import *  # noqa: F403 (the names in analysis.__all__)

@@ -146,7 +146,7 @@ class Trainer:
         losses = {"loss": [], "lm_loss": [], "aux_loss": [], "z_loss": []}
         for micro in range(config.grad_accum):
             input_ids = self._micro_batch(self.step, micro)  # [B, S]
-            out = model(input_ids, labels=input_ids, output_router_logits=True, global_load=global_load)
+            out = self._forward(input_ids, global_load)
             (out.loss / config.grad_accum).backward()  # mean over micro-batches = the loss of the whole step
             for name, values in losses.items():
                 value = getattr(out, name)
@@ -154,16 +154,15 @@ class Trainer:
             for outputs, router_output in zip(routing, out.router_outputs, strict=True):
                 outputs.append(router_output)
         max_norm = config.grad_clip if config.grad_clip is not None else math.inf  # inf: measure, never scale
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = self._finish_gradients(max_norm)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
         self.optimizer.step()
         self.scheduler.step()
-        stats = layer_stats(routing)
+        means, stats = self._step_summary(losses, routing)
         for layer, stat in zip(layers, stats):
             if layer.router.expert_bias is not None:  # aux-loss-free balancing: after the step, from its load
                 layer.router.update_expert_bias(stat["tokens_per_expert"])
         self.step += 1
-        means = {name: _mean(values) for name, values in losses.items()}
         grad_norm = float(grad_norm)
         _sync(model.device)
         elapsed = time.perf_counter() - start
@@ -172,6 +171,24 @@ class Trainer:
                           biases=[layer.router.expert_bias for layer in layers])
         self._rows.append(row)
         return row
+
+    # NOTE: `_micro_batch`, the three methods below and `_validation_loss` are where a run over several processes
+    # differs (moelab.parallel.ExpertParallelTrainer overrides them: each rank's share of the batch, a globally
+    # normalised loss, gradients all-reduced, counts summed over the ranks); on one process each is the plain
+    # computation.
+
+    def _forward(self, input_ids: torch.Tensor, global_load: GlobalLoad | None):
+        """One micro-batch's forward: its `CausalLMOutput` (`loss` is what is backpropagated, with its router
+        outputs)."""
+        return self.model(input_ids, labels=input_ids, output_router_logits=True, global_load=global_load)
+
+    def _finish_gradients(self, max_norm: float) -> torch.Tensor:
+        """After the step's backward passes: clip the gradient to `max_norm`; returns its norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _step_summary(self, losses: dict[str, list], routing: list[list]) -> tuple[dict, list[dict]]:
+        """(each loss's mean over the step's micro-batches, each layer's `layer_stats` over the step)."""
+        return {name: _mean(values) for name, values in losses.items()}, layer_stats(routing)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -185,10 +202,14 @@ class Trainer:
             losses = []
             for batch in self._validation:
                 input_ids = batch.input_ids.to(self.model.device)  # [B, S]
-                losses.append(self.model(input_ids, labels=input_ids).lm_loss)
+                losses.append(self._validation_loss(input_ids))
         finally:
             self.model.train(was_training)
         return torch.stack(losses).mean().item()  # equal-sized batches: the mean over all their tokens
+
+    def _validation_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The mean LM loss of one validation batch [B, S]."""
+        return self.model(input_ids, labels=input_ids).lm_loss
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 

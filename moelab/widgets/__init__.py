@@ -1,5 +1,5 @@
-"""moelab.widgets: the notebooks' widgets, the backend explorer (notebook 7), the trace stepper (notebooks 3-5)
-and the training explorer (notebook 12).
+"""moelab.widgets: the notebooks' widgets, the backend explorer (notebook 7), the trace stepper (notebooks 3-5),
+the training explorer (notebook 12) and the EP scale explorer (notebook 15, `parallel`).
 
 All keep their state on plain Python attributes, so a test (or a curious learner) can drive them without a
 browser or even a kernel: set a slider's `.value`, call `.run()` (what the Run button does), then read
@@ -13,8 +13,9 @@ monkeypatch a name, patch it in the module that defines it (e.g. `moelab.widgets
 it here would not reach the code that uses it.
 
 Imports `moelab.bench` (sweeps, guard, timing), `moelab.inspection` (the stepper's traces and plots),
-`moelab.training` (the training explorer's runs and curves), `moelab.memory`, `moelab.layer`, `moelab.backends`
-and `moelab.core`, plus ipywidgets and IPython; nothing imports `moelab.widgets` but the notebooks.
+`moelab.training` (the training explorer's runs and curves), `moelab.parallel` (the EP scale explorer's model),
+`moelab.memory`, `moelab.layer`, `moelab.backends` and `moelab.core`, plus ipywidgets and IPython; nothing imports
+`moelab.widgets` but the notebooks.
 """
 
 # Re-exports. Some public names stay out of __all__, as before the split, so a star import brings what it did:
@@ -24,6 +25,7 @@ and `moelab.core`, plus ipywidgets and IPython; nothing imports `moelab.widgets`
 from ..memory import quiet_stderr
 from ._shared import BACKENDS
 from .explorer import BOUNDS, COLORS, BackendExplorer
+from .parallel import EPScaleExplorer
 from .stepper import TraceStepper, step_figure, step_table
 from .training import TrainingExplorer
 from .sweeps import (
@@ -39,5 +41,6 @@ from .sweeps import (
     seq_len_points,
 )
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "BackendExplorer", "TraceStepper", "TrainingExplorer", "crossovers",
-           "estimate_peak_bytes", "guard", "local_sweep", "probed_peak_bytes", "quiet_stderr", "seq_len_points"]
+__all__ = ["DEFAULT_BUDGET_BYTES", "BackendExplorer", "EPScaleExplorer", "TraceStepper", "TrainingExplorer",
+           "crossovers", "estimate_peak_bytes", "guard", "local_sweep", "probed_peak_bytes", "quiet_stderr",
+           "seq_len_points"]
