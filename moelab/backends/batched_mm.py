@@ -10,7 +10,7 @@ import torch
 
 from ..core.steps import record_step
 from .autograd import needs_autograd, pair_matmul
-from .footprint import call_sizes, with_backward
+from .footprint import Saved, call_sizes, existing_weights, with_backward
 
 
 def batched_mm_experts(experts, hidden_states, top_k_index, top_k_weights):
@@ -69,5 +69,22 @@ def batched_mm_memory(experts, hidden_states, top_k_index, dropped=None, backwar
     S = T * k
     # repeated, gathered weights, gate_up, act(gate) and the product, outputs, weighted; the [T, H] sum
     forward = S * (3 * I * H + 3 * H + 4 * I) * b + S * 8 + T * H * b
-    # saved for backward (pair_matmul): the rows and activations, not the gathered copies
-    return with_backward(forward, S * (3 * H + 4 * I) * b, experts, b) if backward else forward
+    if not backward:
+        return forward
+    return with_backward(forward, batched_mm_saved(T, k, E, H, I, b, hidden_grad=hidden_states.requires_grad),
+                         experts, b, S)
+
+
+def batched_mm_saved(T, k, E, H, I, b, *, hidden_grad=True, weights_grad=True, w=None) -> list[Saved]:
+    """What batched_mm's autograd graph keeps for backward: `pair_matmul` keeps each matmul's rows and the
+    weight itself, never the gathered copies (they die with the forward). `w`: bytes per router weight."""
+    S, w = T * k, (b if w is None else w)
+    saved = [Saved("repeated", "[S, H]", S * H * b),  # pair_matmul's rows, whether or not x needs a gradient
+             Saved("gate_up", "[S, 2I]", S * 2 * I * b),  # act_fn keeps gate, mul keeps up: views of it
+             Saved("act_fn(gate)", "[S, I]", S * I * b),
+             Saved("activated", "[S, I]", S * I * b)]
+    if weights_grad:  # mul keeps the outputs only for the router weights' gradient
+        saved.append(Saved("outputs", "[S, H]", S * H * b))
+    return saved + existing_weights(E, H, I, b) + [
+        Saved("expert_ids", "[S] int64", S * 8, existing=True),  # a view of top_k_index
+        Saved("top_k_weights", "[T, k]", T * k * w, existing=True)]

@@ -22,7 +22,7 @@ import torch
 
 from ..core.steps import record_step
 from .grouped_matmul import grouped_linear, matmul_path
-from .footprint import call_sizes, with_backward
+from .footprint import Saved, call_sizes, existing_weights, with_backward
 from .pairs import sum_slots
 
 BLOCK_SIZE = 16  # M: vLLM's smallest block for its fused MoE kernel; 16 rows of bf16 are 32 bytes, 16-byte aligned
@@ -129,4 +129,26 @@ def block_aligned_memory(experts, hidden_states, top_k_index, dropped=None, back
     rows = padded_rows_bound(S, E, block_size) + 1  # with the spare row
     # buffer, gate_up, act(gate) and the product, outputs, their rows with the spare; pair rows in and out
     forward = rows * (4 * H + 4 * I) * b + S * (2 * H * b + 6 * 8) + T * H * b
-    return with_backward(forward, rows * (3 * H + 4 * I) * b, experts, b) if backward else forward
+    if not backward:
+        return forward
+    saved = block_aligned_saved(T, k, E, H, I, b, block_size=block_size, hidden_grad=hidden_states.requires_grad)
+    return with_backward(forward, saved, experts, b, rows)
+
+
+def block_aligned_saved(T, k, E, H, I, b, *, block_size=BLOCK_SIZE, hidden_grad=True, weights_grad=True,
+                        w=None) -> list[Saved]:
+    """What block_aligned's autograd graph keeps for backward: the padded buffer of R = S + E * (M - 1) rows
+    (its static bound, whatever the routing) and its activations. `w`: bytes per router weight (default b)."""
+    S, w = T * k, (b if w is None else w)
+    R = padded_rows_bound(S, E, block_size)
+    saved = [Saved("buffer_rows", "[S] int64", S * 8)]  # gather's and combine's index
+    if hidden_grad:  # index_copy keeps its source where the source needs a gradient
+        saved.append(Saved("pair_states", "[S, H]", S * H * b))
+    saved += [Saved("padded_offsets", "[E] int32", E * 4),
+              Saved("buffer", "[R+1, H]", (R + 1) * H * b),  # padded_states is a view of it
+              Saved("gate_up", "[R, 2I]", R * 2 * I * b),
+              Saved("act_fn(gate)", "[R, I]", R * I * b),
+              Saved("activated", "[R, I]", R * I * b)]
+    if weights_grad:  # the pairs' rows, read back out of the buffer, for the router weights' gradient
+        saved.append(Saved("pair rows (before weighting)", "[S, H]", S * H * b))
+    return saved + existing_weights(E, H, I, b) + [Saved("top_k_weights", "[T, k]", T * k * w, existing=True)]

@@ -31,7 +31,7 @@ import torch
 
 from ..core.steps import record_step
 from ..core.memory_guard import MIN_CHECKED_BYTES
-from .footprint import call_sizes, with_backward
+from .footprint import Saved, call_sizes, existing_weights, with_backward
 from .pairs import sum_slots
 
 
@@ -135,7 +135,10 @@ def capacity_memory(experts, hidden_states, top_k_index, dropped=None, backward=
     def total(capacity: int) -> int:
         rows = E * capacity + 1  # the buffer and its spare row
         forward = rows * (3 * H + 4 * I) * b + S * (2 * H * b + 4 * 8) + T * H * b
-        return with_backward(forward, rows * (3 * H + 4 * I) * b, experts, b) if backward else forward
+        if not backward:
+            return forward
+        saved = capacity_saved(T, k, E, H, I, b, capacity=capacity, hidden_grad=hidden_states.requires_grad)
+        return with_backward(forward, saved, experts, b, rows, gradient_copies=2)
 
     factor = experts.capacity_factor_for(experts.training) if hasattr(experts, "capacity_factor_for") else None
     if dropped is not None and factor is not None:
@@ -145,3 +148,19 @@ def capacity_memory(experts, hidden_states, top_k_index, dropped=None, backward=
         return bound
     counts = torch.bincount(top_k_index.reshape(-1), minlength=E)  # [E]
     return total(int(counts.max()))
+
+
+def capacity_saved(T, k, E, H, I, b, *, capacity, hidden_grad=True, weights_grad=True, w=None) -> list[Saved]:
+    """What capacity's autograd graph keeps for backward: the whole [E, C, ...] buffer and its activations,
+    padding rows included (`capacity`: C). `w`: bytes per router weight (default b)."""
+    S, w, rows = T * k, (b if w is None else w), E * capacity
+    saved = [Saved("buffer_rows", "[T, k] int64", S * 8)]  # dispatch's and combine's index
+    if hidden_grad:  # index_copy keeps its source where the source needs a gradient
+        saved.append(Saved("pair_states", "[S, H]", S * H * b))
+    saved += [Saved("buffer", "[E*C+1, H]", (rows + 1) * H * b),  # expert_inputs is a view of it
+              Saved("gate_up", "[E, C, 2I]", rows * 2 * I * b),
+              Saved("act_fn(gate)", "[E, C, I]", rows * I * b),
+              Saved("activated", "[E, C, I]", rows * I * b)]
+    if weights_grad:  # the pairs' rows, read back out of the buffer, for the router weights' gradient
+        saved.append(Saved("pair rows (before weighting)", "[S, H]", S * H * b))
+    return saved + existing_weights(E, H, I, b) + [Saved("top_k_weights", "[T, k]", T * k * w, existing=True)]

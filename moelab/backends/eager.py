@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..core.steps import is_recording, record_step
 from .autograd import needs_autograd
-from .footprint import call_sizes, with_backward
+from .footprint import Saved, call_sizes, existing_weights, with_backward
 
 
 def eager_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=None):
@@ -62,5 +62,24 @@ def eager_memory(experts, hidden_states, top_k_index, dropped=None, backward=Fal
     T, k, E, H, I, b = call_sizes(experts, hidden_states, top_k_index)
     per_row = (3 * H + 4 * I) * b  # tokens, gate_up, act(gate) and the product, outputs, weighted
     forward = E * k * T * 8 + T * H * b + T * per_row
-    # under autograd every expert's rows stay alive for backward: S of them
-    return with_backward(forward, T * k * per_row, experts, b) if backward else forward
+    if not backward:
+        return forward
+    return with_backward(forward, eager_saved(T, k, E, H, I, b, hidden_grad=hidden_states.requires_grad), experts,
+                         b, T, gradient_copies=2)
+
+
+def eager_saved(T, k, E, H, I, b, *, kept=None, hidden_grad=True, weights_grad=True, w=None) -> list[Saved]:
+    """What eager's autograd graph keeps for backward, summed over its experts (each expert's n rows; the sum of n
+    is S, or `kept` pairs with drops). `w`: bytes per router weight (default b). hidden_grad does not change it:
+    the up projection keeps its rows for the weight gradient either way."""
+    S, w = (T * k if kept is None else kept), (b if w is None else w)
+    saved = [Saved("token_idx, top_k_pos", "[S, 2] int64", S * 2 * 8),  # torch.where's one [n, 2] per expert
+             Saved("tokens", "[S, H]", S * H * b),  # F.linear keeps its input for the weight gradient
+             Saved("gate_up", "[S, 2I]", S * 2 * I * b),  # act_fn keeps gate, mul keeps up: views of it
+             Saved("act_fn(gate)", "[S, I]", S * I * b),
+             Saved("act_fn(gate) * up", "[S, I]", S * I * b),  # the down projection's input
+             Saved("top_k_weights of the pairs", "[S, 1]", S * w)]
+    if weights_grad:  # mul keeps the outputs only for the router weights' gradient
+        saved.append(Saved("outputs (before weighting)", "[S, H]", S * H * b))
+    saved.append(Saved("outputs", "[S, H]", S * H * b))  # index_add_ keeps its source (its shape for backward)
+    return saved + existing_weights(E, H, I, b)  # gate_up_proj[e], down_proj[e]: views of the weights

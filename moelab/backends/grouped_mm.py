@@ -16,7 +16,7 @@ from ..core.steps import record_step
 from .cpu import lean
 from .grouped_matmul import grouped_linear, matmul_path
 from .pairs import expert_offsets, inverse_permutation, sort_by_expert, sum_slots, tokens_per_expert
-from .footprint import call_sizes, with_backward
+from .footprint import Saved, call_sizes, existing_weights, with_backward
 
 
 def grouped_mm_experts(experts, hidden_states, top_k_index, top_k_weights, dropped=None):
@@ -85,4 +85,28 @@ def grouped_mm_memory(experts, hidden_states, top_k_index, dropped=None, backwar
     S = T * k
     # perm, sorted ids, token ids; sorted rows, gate_up, act(gate) and the product, outputs, weighted, unsorted
     forward = 4 * S * 8 + S * (4 * H + 4 * I) * b + T * H * b
-    return with_backward(forward, S * (3 * H + 4 * I) * b, experts, b) if backward else forward
+    if not backward:
+        return forward
+    return with_backward(forward, grouped_mm_saved(T, k, E, H, I, b, hidden_grad=hidden_states.requires_grad),
+                         experts, b, S)
+
+
+def grouped_mm_saved(T, k, E, H, I, b, *, hidden_grad=True, weights_grad=True, w=None) -> list[Saved]:
+    """What grouped_mm's plain path keeps for backward (a call with autograd never takes the CPU fast path):
+    the sorted rows and activations, the grouped matmuls' offsets and the permutations. `w`: bytes per router
+    weight (default b). Dropless; with drops the same list over the kept rows is an upper bound."""
+    S, w = T * k, (b if w is None else w)
+    saved = []
+    if weights_grad:  # index_select keeps its index only where its input needs a gradient
+        saved.append(Saved("perm", "[S] int64", S * 8))
+    if hidden_grad:
+        saved.append(Saved("token_idx", "[S] int64", S * 8))
+    saved += [Saved("offsets", "[E] int32", E * 4),
+              Saved("sorted_states", "[S, H]", S * H * b),  # the up projection's input, for its weight gradient
+              Saved("gate_up", "[S, 2I]", S * 2 * I * b),  # act_fn keeps gate, mul keeps up: views of it
+              Saved("act_fn(gate)", "[S, I]", S * I * b),
+              Saved("activated", "[S, I]", S * I * b),
+              Saved("pair_weights", "[S, 1]", S * w)]  # for the outputs' gradient
+    if weights_grad:
+        saved.append(Saved("outputs", "[S, H]", S * H * b))
+    return saved + [Saved("inv_perm", "[S] int64", S * 8)] + existing_weights(E, H, I, b)

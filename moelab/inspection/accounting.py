@@ -4,7 +4,8 @@ While recording, every tensor a step records is traced back to its storage; a st
 a parameter, not one of the layer's inputs) counts as that step's `new_bytes` (a copy the recorder took counts
 where it was taken). Afterwards, a call's sizes (E, H, I, k, tokens, dtype, read from its module when it ran)
 and the code path its steps name feed `moelab.memory.analytic`, and `memory_frame` sets the model's steps beside
-the recorded ones, matched in order by name.
+the recorded ones, matched in order by name. A call that needed gradients also gets the bytes its autograd graph
+keeps for backward (`call_saved`, `moelab.memory.saved_for_backward`): what a training step adds to the forward.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.stage import stage_label
-from ..memory import MODELLED_BACKENDS, MemoryEstimate, analytic
+from ..memory import MODELLED_BACKENDS, MemoryEstimate, SavedForBackward, analytic, saved_for_backward
 
 if TYPE_CHECKING:
     from .records import Call
@@ -156,11 +157,32 @@ def call_estimate(call: Call) -> MemoryEstimate | None:
         return None
 
 
+def call_saved(call: Call) -> SavedForBackward | None:
+    """What `call` kept for backward, by the model, when autograd recorded it: the sizes, routing and layout of its
+    memory estimate (`call_estimate`), so both tables describe the same call."""
+    if not call.needs_grad:
+        return None
+    estimate = call.memory_estimate()
+    if estimate is None or "Sk" in estimate.sizes:  # no model, or a dropped mask (not modelled for backward)
+        return None
+    layout = {"capacity": estimate.sizes["C"]} if "C" in estimate.sizes else \
+        {"block_size": estimate.sizes["M"]} if "M" in estimate.sizes else {}
+    try:
+        return saved_for_backward(SizesConfig.from_sizes(call.sizes), call.num_tokens, estimate.backend, call.dtype,
+                                  tokens_per_expert=estimate.tokens_per_expert, router=call.has_router,
+                                  hidden_grad=call.hidden_grad, weights_grad=call.weights_grad, **layout)
+    except ValueError:
+        return None
+
+
 def memory_frame(calls: list[Call]):
     """The table `Trace.memory` returns (its docstring has the columns)."""
-    rows, peaks = [], {}
+    rows, peaks, saved = [], {}, {}
     for call in calls:
         estimate = call.memory_estimate()
+        kept = call_saved(call)
+        if kept is not None:
+            saved[call.index] = kept.saved_bytes
         pairs: dict[int, int] = {}  # trace step index -> model step index, matched in order by name
         recorded_at: dict[int, int] = {}
         if estimate is not None:
@@ -197,4 +219,5 @@ def memory_frame(calls: list[Call]):
                                         "recorded_bytes", "analytic_bytes", "analytic_new_bytes",
                                         "analytic_live_bytes", "analytic_peak_bytes"])
     frame.attrs["analytic_peak_bytes"] = peaks
+    frame.attrs["saved_for_backward_bytes"] = saved  # only the calls that needed gradients
     return frame

@@ -181,6 +181,13 @@ class Recorder:
             if hidden is not None and call.sizes and hidden.shape[-1] == call.sizes["hidden_size"]:
                 call.num_tokens = hidden.numel() // hidden.shape[-1]
                 call.dtype = hidden.dtype
+            # autograd records the call: grad mode on and an input or a weight requires grad (not `module.training`)
+            inputs = [a for a in args if isinstance(a, torch.Tensor)]
+            call.needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or any(
+                p.requires_grad for p in module.parameters()))
+            call.hidden_grad = hidden is not None and hidden.requires_grad
+            # an Experts call's top_k_weights (a SparseMoE's router makes them, with a gradient)
+            call.weights_grad = len(inputs) < 3 or inputs[2].requires_grad
             if len(args) >= 2 and isinstance(args[1], torch.Tensor) and args[1].dim() == 2 and call.sizes:
                 call.sizes["top_k"] = int(args[1].shape[1])  # an Experts call: k from top_k_index
             elif call.sizes and getattr(getattr(module, "config", None), "top_k", None) is not None:

@@ -13,8 +13,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..memory import MemoryEstimate
-from .accounting import call_estimate
+from ..memory import MemoryEstimate, SavedForBackward
+from .accounting import call_estimate, call_saved
 from .render import describe, call_text, calls_html, step_html, step_text
 
 
@@ -84,7 +84,8 @@ class Call:
     """One call of one MoE layer: its `layer` name (qualified name in the inspected module), the generation
     `stage` ("prefill", "decode", or None for a plain forward) and `decode_step`, the experts `backend`, and its
     `steps` in order; `code_path` which of the backend's paths ran. `num_tokens`, `dtype` and `sizes` (E, H, I, k)
-    feed the analytic memory model."""
+    feed the analytic memory model; `needs_grad` (autograd recorded the call), `hidden_grad` and `weights_grad`
+    (its input and its top_k_weights required grad) the model of what it keeps for backward."""
 
     index: int
     layer: str
@@ -96,6 +97,9 @@ class Call:
     dtype: torch.dtype | None = None
     sizes: dict | None = None
     has_router: bool = False
+    needs_grad: bool = False
+    hidden_grad: bool = False
+    weights_grad: bool = True
 
     def __getitem__(self, name: str) -> Step:
         """The one step called `name` in this call (KeyError if none; LookupError if several, e.g. eager's
@@ -121,6 +125,12 @@ class Call:
     def memory_estimate(self) -> MemoryEstimate | None:
         """The analytic memory model of this call (None for a backend without one, or unknown sizes)."""
         return call_estimate(self)
+
+    def saved_for_backward(self) -> SavedForBackward | None:
+        """What this call's autograd graph keeps for backward, analytic (`moelab.memory.saved_for_backward`); None
+        for a call without gradients, a backend without a model, or what the model leaves out (drops, a shared
+        expert)."""
+        return call_saved(self)
 
     def __repr__(self) -> str:
         return call_text(self)

@@ -199,7 +199,9 @@ class Trace:
         Columns: call, layer, stage, decode_step, backend, index, step, recorded_bytes; analytic_bytes (the model's
         bytes of the tensors this step records), analytic_new_bytes (every tensor the step allocates and keeps),
         analytic_live_bytes (live at its end) and analytic_peak_bytes (highest inside it); NaN where a backend
-        has no model. `frame.attrs["analytic_peak_bytes"]` maps each call to its analytic peak. The measured peak
+        has no model. `frame.attrs["analytic_peak_bytes"]` maps each call to its analytic peak, and
+        `frame.attrs["saved_for_backward_bytes"]` each call that needed gradients to the bytes its autograd graph
+        keeps for backward (`call.saved_for_backward()` lists them). The measured peak
         needs an uninspected run: `moelab.memory.measure(lambda: module(x))` (a trace keeps every tensor alive).
         """
         return memory_frame(self.calls)

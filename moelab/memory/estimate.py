@@ -30,7 +30,7 @@ def _is_count(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, int)
 
 
-def _sizes(config) -> tuple[int, int, int, int, bool, bool, int]:
+def config_sizes(config) -> tuple[int, int, int, int, bool, bool, int]:
     try:
         return (int(config.num_experts), int(config.hidden_size), int(config.intermediate_size),
                 int(config.top_k), bool(getattr(config, "norm_topk_prob", True)),
@@ -79,7 +79,7 @@ def analytic(config, num_tokens: int, backend: str, dtype=torch.float32, *,
     router's `router_jitter` noise and `expert_bias` scores. Returns a `MemoryEstimate`; its `peak_bytes` is a
     plain int. Costs O(E) Python operations.
     """
-    num_experts, hidden, inter, top_k, norm_topk_prob, weights_float32, shared = _sizes(config)
+    num_experts, hidden, inter, top_k, norm_topk_prob, weights_float32, shared = config_sizes(config)
     if not _is_count(num_tokens) or num_tokens < 0:
         raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
     dtype = parse_dtype(dtype)
