@@ -61,6 +61,11 @@ def test_plot_and_fastest(table):
     fig = plot_layout_sweep(table)
     assert len(fig.axes) == 4 and all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
     assert len(fig.axes[0].get_lines()) == len(LAYOUTS)
+    from matplotlib.colors import same_color
+
+    from moelab.core.colors import BACKEND_COLORS
+    for line in fig.axes[0].get_lines():  # each layout in the package's colour for its backend
+        assert same_color(line.get_color(), BACKEND_COLORS[line.get_label()])
     plt.close(fig)
     fastest = fastest_layouts(table)
     assert len(fastest) == 4 and fastest["fastest"].isin(LAYOUTS).all()

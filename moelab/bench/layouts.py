@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from .. import memory
+from ..core.colors import backend_color
 from ..core.dtypes import parse_dtype
 from ..layer import SparseMoE, drop_pairs, skewed_routing
 from ..memory.plots import new_figure
@@ -117,8 +118,9 @@ def plot_layout_sweep(table: pd.DataFrame, *, skew: float | None = None, num_tok
                              f"{skew if x == 'num_tokens' else num_tokens}")
         for name, line in part.groupby("backend", sort=False):
             line = line.sort_values(x)
-            axes[0, col].plot(line[x], line["median_ms"], marker="o", label=name)
-            axes[1, col].plot(line[x], line["extra_memory_analytic"] / 2 ** 20, marker="o", label=name)
+            color = backend_color(name)  # the package's colour for this backend, as in every other plot
+            axes[0, col].plot(line[x], line["median_ms"], marker="o", label=name, color=color)
+            axes[1, col].plot(line[x], line["extra_memory_analytic"] / 2 ** 20, marker="o", label=name, color=color)
         for row, ylabel in enumerate(("median time of one call (ms)", "extra memory, analytic (MiB)")):
             ax = axes[row, col]
             ax.set_xlabel(xlabel)
